@@ -1,0 +1,1095 @@
+"""Forward-gradient training of a blockwise ResNet-18.
+
+A reproduction of Fournier, Rivaud, Belilovsky, Eickenberg and Oyallon, "Can Forward Gradient
+Match Backpropagation?" (ICML 2023, arXiv 2306.06968). The network is split into J blocks, and
+every block but the last has a small auxiliary classifier. Block j is trained with the projection
+of a gradient target G onto a gradient guess G~, done per example:
+
+    g_hat_i = <G_i, G~_i> / ||G~_i||^2 * G~_i,        update = sum_i g_hat_i
+
+where <G_i, G~_i> is a directional derivative computed in forward mode (torch.func.jvp) and G~ is
+a cheap local gradient, such as that of the block's auxiliary loss. The last block and the
+auxiliary nets receive their exact gradients.
+
+    python fg.py --target global --guess aux --space activation     # the paper's main method
+    python fg.py --target global --guess global                     # backprop
+    python fg.py --target local --guess aux                         # greedy local learning
+
+The estimator functions (BlockPass, jvp_per_example, projection_coefficients, ...) take plain
+modules and tensors and work on other models; README.md shows how.
+"""
+
+import argparse
+import contextlib
+import dataclasses
+import gzip
+import json
+import math
+import os
+import pickle
+import platform
+import signal
+import sys
+import tempfile
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.func import grad as func_grad
+from torch.func import jvp, vmap
+
+# torch 2.14 builds its forward-mode decompositions with torch.jit.script on the first jvp, which
+# prints one deprecation warning per decomposition.
+warnings.filterwarnings("ignore", message="`torch.jit.script` is deprecated", category=FutureWarning)
+
+# -------------------------------------------------------------------------------------------------
+# Configuration
+
+TARGETS = ("global", "local", "above")
+GUESSES = ("random", "ntk", "fixed-ntk", "aux", "above", "global")
+DATASETS = ("cifar10", "fashion-mnist", "imagenet32", "synthetic")
+
+# The loss whose gradient each guess is; random guesses come from no loss.
+GUESS_LOSS = {"aux": "local", "ntk": "local", "fixed-ntk": "local", "above": "above",
+              "global": "global", "random": None}
+
+
+@dataclass
+class Config:
+    # data
+    dataset: str = field(default="cifar10", metadata={"choices": DATASETS, "help": "dataset"})
+    data_dir: str = field(default="data", metadata={
+        "help": "folder with the dataset files (CIFAR-10 is downloaded here when a network is "
+                "reachable)"})
+    train_subset: int = field(default=0, metadata={
+        "help": "train on this many examples drawn at random by --seed (0: all)"})
+    augment: str = field(default="auto", metadata={
+        "choices": ("auto", "on", "off"),
+        "help": "random crop (padding 4) and horizontal flip; auto: on for cifar10 and imagenet32"})
+    # model
+    blocks: int = field(default=8, metadata={"choices": (8, 16),
+                                             "help": "8: one BasicBlock each; 16: one conv each"})
+    width: int = field(default=64, metadata={
+        "help": "channels of the first stage; later stages and auxiliary nets scale with it"})
+    aux: str = field(default="cnn", metadata={"choices": ("linear", "mlp", "cnn"),
+                                              "help": "auxiliary net after each block but the last"})
+    # estimator
+    target: str = field(default="global", metadata={
+        "choices": TARGETS, "help": "gradient to estimate for each block but the last"})
+    guess: str = field(default="aux", metadata={
+        "choices": GUESSES, "help": "direction the target is projected onto"})
+    space: str = field(default="activation", metadata={
+        "choices": ("weight", "activation"),
+        "help": "project per parameter tensor (weight) or at the block output (activation)"})
+    engine: str = field(default="jvp", metadata={
+        "choices": ("jvp", "autograd"),
+        "help": "<G, G~> by forward mode (jvp) or by exact reverse mode (autograd)"})
+    noise: str = field(default="gaussian", metadata={
+        "choices": ("gaussian", "rademacher"), "help": "distribution of random guesses"})
+    random_estimator: str = field(default="unbiased", metadata={
+        "choices": ("unbiased", "projection"),
+        "help": "random guesses: <G,v> v (unbiased) or <G,v> / ||v||^2 v (projection)"})
+    # optimization
+    epochs: int = field(default=100, metadata={"help": "training epochs"})
+    batch_size: int = field(default=128, metadata={"help": "examples per step"})
+    lr: float = field(default=0.05, metadata={"help": "SGD learning rate"})
+    momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
+    weight_decay: float = field(default=5e-4, metadata={"help": "SGD weight decay"})
+    lr_step: int = field(default=30, metadata={"help": "epochs between learning-rate decays"})
+    lr_decay: float = field(default=0.2, metadata={"help": "learning-rate factor at each decay"})
+    max_grad_norm: float = field(default=0.0, metadata={
+        "help": "clip the total update norm to this value (0: no clipping)"})
+    # run
+    seed: int = field(default=0, metadata={"help": "seed for weights, data order and noise"})
+    device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu, "
+                                                          "cuda or cuda:N"})
+    out: str = field(default="", metadata={"help": "write the results JSON to this file"})
+    checkpoint: str = field(default="auto", metadata={
+        "help": "checkpoint file, written every epoch and on interruption; auto: "
+                "checkpoints/<settings>.pt; none: no checkpoint"})
+    resume: bool = field(default=False, metadata={
+        "help": "continue from --checkpoint when it exists, else start from scratch"})
+    log_alignment: int = field(default=0, metadata={
+        "help": "every N steps, record per block the cosine and norm ratio between the update "
+                "and the true end-to-end gradient (0: off)"})
+    benchmark: bool = field(default=False, metadata={
+        "help": "time every estimator on the same batches and print a table, then exit"})
+    benchmark_steps: int = field(default=5, metadata={"help": "timed steps per configuration"})
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        description="Forward-gradient training of a blockwise ResNet-18.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or f.type == "bool":
+            parser.add_argument(flag, action="store_true", help=f.metadata["help"])
+            continue
+        kind = {"int": int, "float": float, "str": str}[getattr(f.type, "__name__", f.type)]
+        parser.add_argument(flag, type=kind, default=f.default, help=f.metadata["help"],
+                            choices=f.metadata.get("choices"))
+    return parser
+
+
+def parse_args(argv=None):
+    """Parse the command line into a Config; invalid values exit with status 2 naming the flag."""
+    parser = build_parser()
+    cfg = Config(**vars(parser.parse_args(argv)))
+    checks = [
+        ("--epochs", cfg.epochs, cfg.epochs >= 0, "an integer >= 0"),
+        ("--batch-size", cfg.batch_size, cfg.batch_size >= 1, "an integer >= 1"),
+        ("--width", cfg.width, cfg.width >= 1, "an integer >= 1"),
+        ("--lr", cfg.lr, cfg.lr > 0 and math.isfinite(cfg.lr), "a finite number > 0"),
+        ("--momentum", cfg.momentum, 0 <= cfg.momentum < 1, "a number in [0, 1)"),
+        ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0, "a number >= 0"),
+        ("--lr-step", cfg.lr_step, cfg.lr_step >= 1, "an integer >= 1"),
+        ("--lr-decay", cfg.lr_decay, 0 < cfg.lr_decay <= 1, "a number in (0, 1]"),
+        ("--max-grad-norm", cfg.max_grad_norm, cfg.max_grad_norm >= 0, "a number >= 0"),
+        ("--train-subset", cfg.train_subset, cfg.train_subset >= 0, "an integer >= 0"),
+        ("--log-alignment", cfg.log_alignment, cfg.log_alignment >= 0, "an integer >= 0"),
+        ("--benchmark-steps", cfg.benchmark_steps, cfg.benchmark_steps >= 1, "an integer >= 1"),
+    ]
+    for flag, value, ok, valid in checks:
+        if not ok:
+            parser.error(f"invalid value for {flag}: {value}; expected {valid}")
+    if os.path.isfile(cfg.data_dir):
+        parser.error(f"invalid value for --data-dir: {cfg.data_dir} is a file; expected a folder")
+    if cfg.device != "auto" and not cfg.device.startswith(("cpu", "cuda")):
+        parser.error(f"invalid value for --device: {cfg.device}; expected auto, cpu, cuda or cuda:N")
+    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"invalid value for --device: {cfg.device}, but CUDA is not available here; "
+                     "use --device cpu")
+    if cfg.resume and cfg.checkpoint == "none":
+        parser.error("--resume needs a checkpoint file; remove --checkpoint none")
+    return cfg
+
+
+class DataError(Exception):
+    """A dataset file is missing, corrupt or not of the expected form."""
+
+
+# -------------------------------------------------------------------------------------------------
+# Data: every dataset becomes uint8 images (N, C, H, W) and int64 labels held in memory.
+
+def read_idx(path):
+    """Read an idx file (the MNIST format), gzipped or not, into a uint8 array."""
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read the file ({e}); replace it with an intact copy")
+    if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
+        raise DataError(f"{path}: not an idx file of unsigned bytes (bad magic number)")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    start = 4 + 4 * ndim
+    if len(raw) - start != math.prod(shape):
+        raise DataError(f"{path}: header declares shape {shape} ({math.prod(shape)} bytes) "
+                        f"but the file holds {len(raw) - start}; the file is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=start).reshape(shape)
+
+
+def find_idx(folder, stem):
+    for sub in ("", "FashionMNIST/raw", "raw"):
+        for suffix in (".gz", ""):
+            path = os.path.join(folder, sub, stem + suffix)
+            if os.path.isfile(path):
+                return path
+    return None
+
+
+def load_fashion_mnist(folder):
+    stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    paths = [find_idx(folder, s) for s in stems]
+    if None in paths:
+        try:
+            torchvision.datasets.FashionMNIST(folder, download=True)
+        except Exception as e:  # any failure to download leads to the same advice
+            missing = [s for s, p in zip(stems, paths) if p is None]
+            raise DataError(
+                f"Fashion-MNIST files {', '.join(missing)} (.gz or not) are missing in {folder} "
+                f"and the download failed ({type(e).__name__}); put the four idx files there, "
+                "for example from Debian's dataset-fashion-mnist package "
+                "(/usr/share/datasets/fashion-mnist)") from None
+        paths = [find_idx(folder, s) for s in stems]
+    arrays = [read_idx(p) for p in paths]
+    for (images, labels), (pi, pl) in zip((arrays[:2], arrays[2:]), (paths[:2], paths[2:])):
+        if images.ndim != 3 or images.shape[1:] != (28, 28):
+            raise DataError(f"{pi}: images have shape {images.shape[1:]}, expected (28, 28)")
+        if labels.shape != (len(images),):
+            raise DataError(f"{pl}: {labels.shape} labels for {len(images)} images in {pi}")
+    images = [torch.from_numpy(a.copy())[:, None] for a in arrays[0::2]]
+    labels = [torch.from_numpy(a.astype(np.int64)) for a in arrays[1::2]]
+    return images[0], labels[0], images[1], labels[1], paths[1::2]
+
+
+def load_cifar10(folder):
+    try:
+        sets = [torchvision.datasets.CIFAR10(folder, train=t, download=True) for t in (True, False)]
+    except Exception as e:  # offline, or a corrupt archive that fails the checksum
+        raise DataError(
+            f"CIFAR-10 is not in {folder} and could not be downloaded ({type(e).__name__}: {e}); "
+            f"put cifar-10-python.tar.gz or its extracted folder cifar-10-batches-py in "
+            f"{folder} (from https://www.cs.toronto.edu/~kriz/cifar.html)") from None
+    out = []
+    for s in sets:
+        out += [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
+                torch.tensor(s.targets, dtype=torch.int64)]
+    return (*out, [os.path.join(folder, "cifar-10-batches-py")] * 2)
+
+
+def load_imagenet32_file(path):
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f)
+        data, labels = np.asarray(batch["data"], dtype=np.uint8), np.asarray(batch["labels"])
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"{path}: not a readable ImageNet32 batch ({type(e).__name__}: {e}); "
+                        "expected a pickled dict with 'data' and 'labels'") from None
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
+        raise DataError(f"{path}: data of shape {data.shape} with {len(labels)} labels; "
+                        "expected (N, 3072) uint8 images of 32x32 pixels and N labels")
+    return torch.from_numpy(data).view(-1, 3, 32, 32), torch.from_numpy(labels.astype(np.int64) - 1)
+
+
+def load_imagenet32(folder):
+    train_paths = [os.path.join(folder, f"train_data_batch_{i}") for i in range(1, 11)]
+    test_path = os.path.join(folder, "val_data")
+    missing = [p for p in train_paths + [test_path] if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"ImageNet32 files missing in {folder}: "
+                        f"{', '.join(os.path.basename(p) for p in missing)}; put the unpacked "
+                        "train_data_batch_1..10 and val_data of downsampled ImageNet 32x32 there")
+    train = [load_imagenet32_file(p) for p in train_paths]
+    test_x, test_y = load_imagenet32_file(test_path)
+    train_x, train_y = torch.cat([t[0] for t in train]), torch.cat([t[1] for t in train])
+    return train_x, train_y, test_x, test_y, [folder + "/train_data_batch_*", test_path]
+
+
+def make_synthetic(seed, train_size=1024, test_size=256, shape=(3, 32, 32), classes=10):
+    """Images of 10 classes, each a fixed smooth random pattern plus noise, learnable in an epoch."""
+    g = torch.Generator().manual_seed(seed + 12345)
+    coarse = torch.rand(classes, shape[0], 4, 4, generator=g)
+    patterns = F.interpolate(coarse, size=shape[1:], mode="bilinear", align_corners=False)
+    out = []
+    for n in (train_size, test_size):
+        y = torch.randint(classes, (n,), generator=g)
+        x = 0.6 * patterns[y] + 0.4 * torch.rand(n, *shape, generator=g)
+        out += [(x * 255).round().to(torch.uint8), y]
+    return (*out, ["synthetic"] * 2)
+
+
+@dataclass
+class Data:
+    train_x: torch.Tensor  # (N, C, H, W) uint8
+    train_y: torch.Tensor  # (N,) int64
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    mean: torch.Tensor  # (C,) per-channel mean of the training images, in [0, 1]
+    std: torch.Tensor
+    classes: int
+    augment: bool
+
+
+def load_data(cfg):
+    """Load cfg.dataset into memory, validated; raises DataError naming the file at fault."""
+    if cfg.dataset == "synthetic":
+        parts = make_synthetic(cfg.seed)
+    else:
+        if not os.path.isdir(cfg.data_dir) and cfg.dataset != "cifar10":
+            raise DataError(f"--data-dir {cfg.data_dir} does not exist; create it and put "
+                            f"the {cfg.dataset} files there")
+        loader = {"cifar10": load_cifar10, "fashion-mnist": load_fashion_mnist,
+                  "imagenet32": load_imagenet32}[cfg.dataset]
+        parts = loader(cfg.data_dir)
+    train_x, train_y, test_x, test_y, (train_file, test_file) = parts
+    classes = {"cifar10": 10, "fashion-mnist": 10, "imagenet32": 1000, "synthetic": 10}[cfg.dataset]
+    for name, x, y in ((train_file, train_x, train_y), (test_file, test_x, test_y)):
+        if len(y) and (y.min() < 0 or y.max() >= classes):
+            raise DataError(f"{name}: labels range over [{y.min()}, {y.max()}], expected "
+                            f"[0, {classes - 1}] for {cfg.dataset}")
+    if test_x.shape[1:] != train_x.shape[1:]:
+        raise DataError(f"{test_file}: images of shape {tuple(test_x.shape[1:])} differ from the "
+                        f"training images' {tuple(train_x.shape[1:])}")
+    if cfg.train_subset:
+        if cfg.train_subset > len(train_x):
+            raise DataError(f"invalid value for --train-subset: {cfg.train_subset} is larger than "
+                            f"the {len(train_x)} training examples of {cfg.dataset}")
+        keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))
+        keep = keep[:cfg.train_subset]
+        train_x, train_y = train_x[keep], train_y[keep]
+    # per-channel statistics from at most 50,000 images keep this quick on ImageNet32
+    sample = train_x[:50000].double() / 255
+    mean, std = sample.mean((0, 2, 3)).float(), sample.std((0, 2, 3)).float().clamp_min(1e-3)
+    augment = cfg.augment == "on" or (cfg.augment == "auto" and cfg.dataset in
+                                      ("cifar10", "imagenet32"))
+    return Data(train_x, train_y, test_x, test_y, mean, std, classes, augment)
+
+
+def prepare_batch(data, x, y, device, augment):
+    """Move a uint8 batch to the device, augment it if asked, and normalize it per channel."""
+    x = x.to(device, non_blocking=True).float() / 255
+    if augment:
+        B, C, H, W = x.shape
+        padded = F.pad(x, (4, 4, 4, 4))  # zero padding, as torchvision's RandomCrop(padding=4)
+        dy, dx = (torch.randint(0, 9, (2, B), device=device))
+        rows = (dy[:, None] + torch.arange(H, device=device))[:, :, None]  # (B, H, 1)
+        cols = (dx[:, None] + torch.arange(W, device=device))[:, None, :]  # (B, 1, W)
+        x = padded.permute(0, 2, 3, 1)[torch.arange(B, device=device)[:, None, None], rows, cols]
+        x = x.permute(0, 3, 1, 2)  # (B, C, H, W)
+        flip = torch.rand(B, device=device) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(3), x)
+    mean, std = data.mean.to(device), data.std.to(device)
+    return (x - mean[:, None, None]) / std[:, None, None], y.to(device, non_blocking=True)
+
+
+def epoch_order(n, seed, epoch):
+    """The data order of one epoch, a function of seed and epoch alone so that resuming is exact."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100003 + epoch))
+
+
+# -------------------------------------------------------------------------------------------------
+# Model: ResNet-18 split into blocks, each block but the last followed by an auxiliary net.
+
+def conv_bn_relu(c_in, c_out, stride=1, kernel=3):
+    return nn.Sequential(nn.Conv2d(c_in, c_out, kernel, stride, kernel // 2, bias=False),
+                         nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in, c_out, stride):
+        super().__init__()
+        self.conv1 = conv_bn_relu(c_in, c_out, stride)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False),
+                                          nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        return F.relu(self.bn2(self.conv2(self.conv1(x))) + self.shortcut(x))
+
+
+def classifier_head(channels, classes):
+    return nn.Sequential(nn.BatchNorm2d(channels), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(channels, classes))
+
+
+def make_blocks(blocks, width, in_channels, classes):
+    """Return the blocks and each block's output channels; the last block ends in the classifier."""
+    stage_widths = [width, 2 * width, 4 * width, 8 * width]
+    if blocks == 8:
+        # one BasicBlock each; stride 2 and a projection shortcut where a stage starts
+        widths = [w for w in stage_widths for _ in range(2)]
+        layers = [nn.Sequential(conv_bn_relu(in_channels, width), BasicBlock(width, width, 1))]
+        for j in range(1, 8):
+            layers.append(BasicBlock(widths[j - 1], widths[j], 2 if j % 2 == 0 else 1))
+    else:
+        # one conv each, no residual connections; block 0 also holds the stem conv
+        widths = [w for w in stage_widths for _ in range(4)]
+        layers = [nn.Sequential(conv_bn_relu(in_channels, width), conv_bn_relu(width, width))]
+        for j in range(1, 16):
+            layers.append(conv_bn_relu(widths[j - 1], widths[j], 2 if j % 4 == 0 else 1))
+    layers[-1] = nn.Sequential(layers[-1], classifier_head(widths[-1], classes))
+    return layers, widths
+
+
+def make_aux(kind, channels, classes, hidden):
+    """An auxiliary classifier for a block output of the given channels."""
+    if kind == "linear":
+        return nn.Sequential(nn.BatchNorm2d(channels), nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+                             nn.Linear(4 * channels, classes))
+    if kind == "mlp":
+        layers, size = [nn.AdaptiveAvgPool2d(2), nn.Flatten()], 4 * channels
+        for _ in range(3):
+            layers += [nn.Linear(size, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU()]
+            size = hidden
+        return nn.Sequential(*layers, nn.Linear(hidden, classes))
+    return nn.Sequential(conv_bn_relu(channels, hidden, kernel=1),
+                         *[conv_bn_relu(hidden, hidden, stride=2) for _ in range(3)],
+                         nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(4 * hidden, classes))
+
+
+class BlockwiseResNet(nn.Module):
+    def __init__(self, blocks=8, width=64, in_channels=3, classes=10, aux="cnn"):
+        super().__init__()
+        layers, widths = make_blocks(blocks, width, in_channels, classes)
+        self.blocks = nn.ModuleList(layers)
+        # auxiliary widths at width 64: MLP 1024 (8 blocks) or 512 (16); CNN 32 or 16
+        base = {"mlp": 1024, "cnn": 32, "linear": 0}[aux] // (1 if blocks == 8 else 2)
+        hidden = max(1, base * width // 64)
+        self.aux = nn.ModuleList(make_aux(aux, widths[j], classes, hidden)
+                                 for j in range(blocks - 1))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+    def loss_logits(self, j, h, kind):
+        """Logits of the loss `kind` (local, above or global) as a function of block j's output h."""
+        last = len(self.blocks) - 1
+        if kind == "local":
+            return self.aux[j](h)
+        if kind == "above":
+            h = self.blocks[j + 1](h)
+            return h if j + 1 == last else self.aux[j + 1](h)
+        for block in self.blocks[j + 1:]:
+            h = block(h)
+        return h
+
+
+def count_flops(module, x):
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter:
+        module(x)
+    return counter.get_total_flops()
+
+
+@torch.no_grad()
+def aux_flop_shares(model, image_shape):
+    """Each auxiliary net's FLOPs (conv and linear) as a fraction of its block's, per example."""
+    was_training = model.training
+    model.eval()
+    x = torch.zeros(1, *image_shape, device=next(model.parameters()).device)
+    shares = []
+    for j, block in enumerate(model.blocks[:-1]):
+        h = block(x)
+        shares.append(count_flops(model.aux[j], h) / count_flops(block, x))
+        x = h
+    model.train(was_training)
+    return shares
+
+
+# -------------------------------------------------------------------------------------------------
+# Estimators. Notation: G is the target gradient, G~ the guess, B the batch size. A "slice" G_i is
+# example i's share of the gradient of the batch mean loss, so that sum_i G_i = G.
+
+def projection_coefficients(dots, guess_sq_norms):
+    """Return c with c_i = <G_i, G~_i> / ||G~_i||^2, so that g_hat_i = c_i G~_i.
+
+    The projection is never an ascent direction: <g_hat_i, G_i> = <G_i, G~_i>^2 / ||G~_i||^2 >= 0.
+    It is biased towards G~, and scaling G~ by any nonzero constant leaves g_hat unchanged. An
+    example whose guess is zero gets c_i = 0, not NaN; the second return value counts them.
+    """
+    zero = guess_sq_norms == 0
+    c = dots / torch.where(zero, torch.ones_like(guess_sq_norms), guess_sq_norms)
+    return torch.where(zero, torch.zeros_like(c), c), int(zero.sum())
+
+
+def random_guess(shape, noise, like):
+    """Noise v with E[v v^T] = I: Gaussian, or Rademacher (+-1 with equal odds).
+
+    With v as the guess, <G, v> v is an unbiased estimate of G whose variance per coordinate k is
+    ||G||^2 + G_k^2 (Gaussian) or ||G||^2 - G_k^2 (Rademacher), so it grows with the dimension.
+    The projection form <G, v> / ||v||^2 v has mean G / d for d coordinates (exactly d for
+    Rademacher noise, in expectation by symmetry for Gaussian), a bias by a factor of 1/d.
+    """
+    if noise == "rademacher":
+        return torch.randint(0, 2, shape, device=like.device).to(like.dtype) * 2 - 1
+    return torch.randn(shape, device=like.device, dtype=like.dtype)
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(*modules):
+    """Stop train-mode BatchNorm layers from updating their running statistics inside the block.
+
+    torch.func.jvp rejects the in-place update of a captured buffer (pytorch issue 85533), so the
+    jvp calls run with tracking off and the statistics are updated by the ordinary forward pass.
+    """
+    layers = [m for module in modules for m in module.modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    for m in layers:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.track_running_stats = True
+
+
+def jvp_per_example(loss_fn, primal, tangent, exact=False):
+    """Return <G_i, t_i> for every example i by forward mode, where G is the gradient of
+    loss_fn(primal).mean() with respect to primal and loss_fn returns one loss per example.
+
+    One jvp of the per-example loss vector gives sum_k d loss_k / B. Its sum over examples is exact.
+    Each value is exact only where no operation mixes examples: train-mode BatchNorm does, so each
+    value also carries the tangents of the other examples. exact=True runs one jvp per example with
+    the tangent masked to that example (vmapped, B times the tangent cost), which is exact.
+    Run it inside frozen_bn_stats for models with train-mode BatchNorm.
+    """
+    B = primal.shape[0]
+    with torch.no_grad():
+        if not exact:
+            return jvp(loss_fn, (primal,), (tangent,))[1] / B
+        masks = torch.eye(B, dtype=tangent.dtype, device=tangent.device)
+        masks = masks.view(B, B, *[1] * (tangent.dim() - 1))  # (stream, example, ...)
+
+        def masked(mask):
+            return jvp(lambda p: loss_fn(p).mean(), (primal,), (tangent * mask,))[1]
+        return vmap(masked)(masks)
+
+
+PARAMETRIC_LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
+
+
+def normalized_input(bn, x):
+    """The normalized input x^ of a BatchNorm layer, with batch or running statistics as it uses."""
+    dims = [0] + list(range(2, x.dim()))
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    if bn.training or bn.running_mean is None:
+        mean, var = x.mean(dims, keepdim=True), x.var(dims, unbiased=False, keepdim=True)
+    else:
+        mean, var = bn.running_mean.view(shape), bn.running_var.view(shape)
+    return (x - mean) * torch.rsqrt(var + bn.eps)
+
+
+def conv_with(conv, x, weight):
+    return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def per_example_grads(module, name, x, g):
+    """Each example's slice of the gradient of parameter `name` of a leaf module, (B, *shape),
+    from the module's input x and the gradient g of the batch loss at its output."""
+    spatial = list(range(2, g.dim()))
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return (g * normalized_input(module, x)).sum(spatial) if name == "weight" else g.sum(spatial)
+    if isinstance(module, nn.Linear):
+        if name == "bias":
+            return g.sum(list(range(1, g.dim() - 1)))
+        return torch.einsum("b...o,b...i->boi", g, x)
+    if name == "bias":
+        return g.sum(spatial)
+
+    def example(xi, gi):
+        return func_grad(lambda w: (conv_with(module, xi[None], w) * gi[None]).sum())(module.weight)
+    return vmap(example)(x, g)
+
+
+def output_tangent(module, name, x, out, V):
+    """The tangent at a leaf module's output when parameter `name` moves along V_i for example i
+    alone, V of shape (B, *shape): the per-example weight tangent seen from the output."""
+    B = x.shape[0]
+    shape = [B, -1] + [1] * (out.dim() - 2)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if name == "weight":
+            return normalized_input(module, x) * V.view(shape)
+        return V.view(shape).expand_as(out)
+    if isinstance(module, nn.Linear):
+        if name == "bias":
+            return V.view(B, *[1] * (out.dim() - 2), -1).expand_as(out)
+        return torch.einsum("b...i,boi->b...o", x, V)
+    if name == "bias":
+        return V.view(shape).expand_as(out)
+    return vmap(lambda xi, vi: conv_with(module, xi[None], vi)[0])(x, V)
+
+
+class BlockPass:
+    """One forward pass of a block that keeps what the estimators need: the input, the output with
+    its autograd graph, and the input and output of every leaf module that holds parameters.
+
+    Supported leaves: Conv2d (zero padding), Linear, BatchNorm1d and BatchNorm2d; each must run
+    once per pass. Activation-space estimators need only the input and output.
+    """
+
+    def __init__(self, block, x, record_leaves=True):
+        self.block, self.input = block, x
+        self.params = dict(block.named_parameters())
+        self.leaf_of = {}  # parameter name -> (leaf module, its own name for the parameter)
+        self.leaves = {}  # leaf module -> (input, output)
+        hooks = []
+        if record_leaves:
+            for prefix, module in block.named_modules():
+                own = list(module.named_parameters(recurse=False))
+                if not own:
+                    continue
+                if not isinstance(module, PARAMETRIC_LEAVES) or getattr(
+                        module, "padding_mode", "zeros") != "zeros":
+                    where = prefix or "the block itself"
+                    raise TypeError(f"weight-space estimators do not support {where} "
+                                    f"({type(module).__name__}); supported leaves: Conv2d with "
+                                    "zero padding, Linear, BatchNorm1d and BatchNorm2d")
+                for local, _ in own:
+                    self.leaf_of[f"{prefix}.{local}" if prefix else local] = (module, local)
+                hooks.append(module.register_forward_hook(self._record))
+        try:
+            self.output = block(x)
+        finally:
+            for h in hooks:
+                h.remove()
+
+    def _record(self, module, inputs, output):
+        if module in self.leaves:
+            raise RuntimeError(f"{type(module).__name__} ran twice in one pass of the block; "
+                               "weight-space estimators need each parametrized leaf to run once")
+        self.leaves[module] = (inputs[0].detach(), output)
+
+    def backward(self, cotangent):
+        """Return {name: gradient} of the block parameters for the cotangent at the output."""
+        grads = torch.autograd.grad(self.output, list(self.params.values()), cotangent,
+                                    retain_graph=True, allow_unused=True)
+        return {n: torch.zeros_like(p) if g is None else g
+                for (n, p), g in zip(self.params.items(), grads)}
+
+    def weight_slices(self, cotangent):
+        """Return {name: (B, *shape)}: each example's slice of the parameter gradient."""
+        modules = list(self.leaves)
+        outs = [self.leaves[m][1] for m in modules]
+        grads = torch.autograd.grad(self.output, outs, cotangent, retain_graph=True)
+        grad_of = dict(zip(modules, grads))
+        return {n: per_example_grads(m, local, self.leaves[m][0], grad_of[m])
+                for n, (m, local) in self.leaf_of.items()}
+
+    def weight_tangents(self, V):
+        """Return {name: tangent at the leaf output} for per-example weight tangents {name: V}."""
+        out = {}
+        for n, (m, local) in self.leaf_of.items():
+            x, y = self.leaves[m]
+            out[n] = output_tangent(m, local, x, y.detach(), V[n])
+        return out
+
+    def perturbed(self, name, loss_fn):
+        """Return delta -> loss_fn(block output with delta added to the output of the leaf that
+        holds parameter `name`): the function whose jvp gives weight-space directional derivatives.
+        """
+        module = self.leaf_of[name][0]
+
+        def loss_with(delta):
+            handle = module.register_forward_hook(lambda m, i, o: o + delta)
+            try:
+                return loss_fn(self.block(self.input.detach()))
+            finally:
+                handle.remove()
+        return loss_with
+
+
+def guess_sq_norms(G):
+    return G.flatten(1).pow(2).sum(1)
+
+
+def target_dots(bp, G_guess, space, engine, loss_fn=None, cotangent=None, exact=False):
+    """Return <G_i, G~_i> per example: a (B,) tensor in activation space, {name: (B,)} in weight
+    space. engine "jvp" differentiates loss_fn (block output -> per-example loss) in forward mode;
+    "autograd" uses `cotangent`, the gradient of the batch mean loss at the block output."""
+    if space == "activation":
+        if engine == "autograd":
+            return (cotangent * G_guess).flatten(1).sum(1)
+        return jvp_per_example(loss_fn, bp.output.detach(), G_guess, exact)
+    if engine == "autograd":
+        slices = bp.weight_slices(cotangent)
+        return {n: (slices[n] * G_guess[n]).flatten(1).sum(1) for n in G_guess}
+    tangents = bp.weight_tangents(G_guess)
+    dots = {}
+    for n, t in tangents.items():
+        out = bp.leaves[bp.leaf_of[n][0]][1]
+        dots[n] = jvp_per_example(bp.perturbed(n, loss_fn), torch.zeros_like(out), t, exact)
+    return dots
+
+
+def project(bp, G_guess, dots, normalize=True):
+    """Return ({name: update}, zero-guess count) with update = sum_i c_i G~_i; c_i = dots_i
+    divided by ||G~_i||^2 when normalize, else c_i = dots_i (the unbiased random estimator)."""
+    if isinstance(G_guess, dict):
+        update, zeros = {}, 0
+        for n, G in G_guess.items():
+            c, z = projection_coefficients(dots[n], guess_sq_norms(G)) if normalize else (dots[n], 0)
+            update[n] = torch.einsum("b,b...->...", c, G)
+            zeros += z
+        return update, zeros
+    c, zeros = projection_coefficients(dots, guess_sq_norms(G_guess)) if normalize else (dots, 0)
+    return bp.backward(c.view(-1, *[1] * (G_guess.dim() - 1)) * G_guess), zeros
+
+
+# -------------------------------------------------------------------------------------------------
+# Training step
+
+class NonFiniteError(Exception):
+    """A loss or an update is NaN or infinite."""
+
+
+def reset_parameters(module):
+    for m in module.modules():
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+
+
+def set_grads(params, grads, where):
+    for p, g in zip(params, grads):
+        if not torch.isfinite(g).all():
+            raise NonFiniteError(f"non-finite update in {where}")
+        p.grad = g
+
+
+@dataclass
+class StepResult:
+    loss: float
+    correct: int
+    zero_guesses: int  # examples (times parameter tensors in weight space) with a zero guess
+    alignment: list  # per block j < J-1: (cosine, norm ratio) of update vs true gradient
+
+
+def guess_for_block(bp, cfg, cotangent):
+    """G~ for one block: a (B, ...) tensor at the output, or {name: (B, *shape)} in weight space."""
+    if cfg.guess == "random":
+        if cfg.space == "weight":
+            B = bp.input.shape[0]
+            return {n: random_guess((B, *p.shape), cfg.noise, p) for n, p in bp.params.items()}
+        return random_guess(bp.output.shape, cfg.noise, bp.output)
+    cot = cotangent(GUESS_LOSS[cfg.guess])
+    return bp.weight_slices(cot) if cfg.space == "weight" else cot
+
+
+def train_step(model, x, y, cfg, measure_alignment=False):
+    """Set .grad of every parameter to this step's update and return the step's statistics."""
+    J = len(model.blocks)
+    exact = GUESS_LOSS[cfg.guess] == cfg.target  # backprop, local learning: no projection
+    if cfg.guess == "ntk":
+        for aux in model.aux:
+            reset_parameters(aux)
+
+    # The ordinary forward pass, the only one that updates BatchNorm statistics. Each block's
+    # input is a detached leaf, so gradients cross blocks only where a loss asks for them.
+    passes, h = [], x
+    for j, block in enumerate(model.blocks):
+        record = cfg.space == "weight" and j < J - 1 and not exact
+        passes.append(BlockPass(block, h.detach().requires_grad_(j > 0), record))
+        h = passes[-1].output
+    loss = F.cross_entropy(h, y)
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"non-finite loss {loss.item()}")
+    aux_losses = [F.cross_entropy(model.aux[j](passes[j].output), y) for j in range(J - 1)]
+    head_losses = aux_losses + [loss]  # the loss of each block's own classifier
+
+    cache = {}
+
+    def cotangent(j, kind):
+        """The gradient of the batch mean loss `kind` at block j's output (reverse mode)."""
+        if (j, kind) not in cache:
+            if kind == "local":
+                args = aux_losses[j], passes[j].output, None
+            elif kind == "above" or j == J - 2:
+                args = head_losses[j + 1], passes[j + 1].input, None
+            else:
+                args = passes[j + 1].output, passes[j + 1].input, cotangent(j + 1, "global")
+            cache[j, kind] = torch.autograd.grad(*args, retain_graph=True)[0]
+        return cache[j, kind]
+
+    # exact gradients: the last block, and the auxiliary nets unless they are ntk guesses
+    last = list(model.blocks[-1].parameters())
+    set_grads(last, torch.autograd.grad(loss, last, retain_graph=True), f"block {J - 1}")
+    if cfg.guess not in ("ntk", "fixed-ntk"):
+        for j, (aux, aux_loss) in enumerate(zip(model.aux, aux_losses)):
+            params = list(aux.parameters())
+            set_grads(params, torch.autograd.grad(aux_loss, params, retain_graph=True),
+                      f"auxiliary net {j}")
+
+    zero_guesses, alignment = 0, []
+    normalize = cfg.guess != "random" or cfg.random_estimator == "projection"
+    with frozen_bn_stats(model):
+        for j in range(J - 1):
+            bp = passes[j]
+            if exact:
+                update = bp.backward(cotangent(j, cfg.target))
+            else:
+                G_guess = guess_for_block(bp, cfg, lambda kind: cotangent(j, kind))
+
+                def target_loss(h, j=j):
+                    logits = model.loss_logits(j, h, cfg.target)
+                    return F.cross_entropy(logits, y, reduction="none")
+                G = cotangent(j, cfg.target) if cfg.engine == "autograd" else None
+                dots = target_dots(bp, G_guess, cfg.space, cfg.engine, target_loss, G)
+                update, zeros = project(bp, G_guess, dots, normalize)
+                zero_guesses += zeros
+            set_grads(bp.params.values(), update.values(), f"block {j}")
+            if measure_alignment:
+                true = torch.cat([g.flatten() for g in bp.backward(cotangent(j, "global")).values()])
+                est = torch.cat([g.flatten() for g in update.values()])
+                cosine = F.cosine_similarity(est, true, dim=0).item()
+                alignment.append((cosine, (est.norm() / true.norm()).item()))
+    correct = int((h.argmax(1) == y).sum())
+    return StepResult(loss.item(), correct, zero_guesses, alignment)
+
+
+# -------------------------------------------------------------------------------------------------
+# Training, evaluation, checkpoints
+
+@torch.no_grad()
+def evaluate(model, data, device, batch_size=500):
+    """Test accuracy in percent of each auxiliary head (blocks 0..J-2), then the final classifier."""
+    model.eval()
+    J = len(model.blocks)
+    correct = torch.zeros(J)
+    for i in range(0, len(data.test_x), batch_size):
+        x, y = prepare_batch(data, data.test_x[i:i + batch_size], data.test_y[i:i + batch_size],
+                             device, augment=False)
+        for j, block in enumerate(model.blocks):
+            x = block(x)
+            logits = x if j == J - 1 else model.aux[j](x)
+            correct[j] += (logits.argmax(1) == y).sum().item()
+    model.train()
+    return (100 * correct / max(1, len(data.test_x))).tolist()
+
+
+def atomic_write(path, write):
+    """Write a file through a temporary file and a rename, so a crash never leaves half of it."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def checkpoint_path(cfg):
+    if cfg.checkpoint == "none":
+        return None
+    if cfg.checkpoint != "auto":
+        return cfg.checkpoint
+    name = (f"{cfg.dataset}-b{cfg.blocks}-w{cfg.width}-{cfg.aux}-{cfg.target}-{cfg.guess}-"
+            f"{cfg.space}-{cfg.engine}-s{cfg.seed}")
+    return os.path.join("checkpoints", name + ".pt")
+
+
+# settings that may differ between a checkpoint and the run that resumes it
+RESUMABLE_CHANGES = {"epochs", "out", "checkpoint", "resume", "device", "log_alignment"}
+
+
+def resolve_device(name):
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def describe_hardware(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model_name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        model_name = names[0] if names else model_name
+    return f"{model_name}, {torch.get_num_threads()} threads"
+
+
+class Run:
+    """A training run: model, optimizer and schedule, with checkpoints and a results file."""
+
+    def __init__(self, cfg):
+        self.cfg, self.device = cfg, resolve_device(cfg.device)
+        torch.manual_seed(cfg.seed)
+        self.data = load_data(cfg)
+        channels = self.data.train_x.shape[1]
+        self.model = BlockwiseResNet(cfg.blocks, cfg.width, channels, self.data.classes, cfg.aux)
+        self.model.to(self.device)
+        self.flop_shares = aux_flop_shares(self.model, tuple(self.data.train_x.shape[1:]))
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                                         weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, cfg.lr_decay)
+        self.epoch, self.step, self.totals = 0, 0, self.new_totals()
+        self.history, self.alignment, self.status = [], [], "running"
+        self.checkpoint = checkpoint_path(cfg)
+        self.stop_signal = None
+
+    @staticmethod
+    def new_totals():
+        return {"loss": 0.0, "correct": 0, "seen": 0, "zero_guesses": 0, "seconds": 0.0}
+
+    def state(self):
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "epoch": self.epoch, "step": self.step,
+                "totals": self.totals, "history": self.history, "alignment": self.alignment,
+                "rng": torch.get_rng_state(), "config": dataclasses.asdict(self.cfg),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def save_checkpoint(self):
+        if self.checkpoint:
+            atomic_write(self.checkpoint, lambda f: torch.save(self.state(), f))
+
+    def load_checkpoint(self):
+        try:
+            state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
+        except Exception as e:  # any unreadable checkpoint gets the same advice
+            raise DataError(f"{self.checkpoint}: cannot load the checkpoint "
+                            f"({type(e).__name__}: {e}); delete it to start from scratch") from None
+        saved, now = state["config"], dataclasses.asdict(self.cfg)
+        changed = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
+        if changed:
+            diffs = ", ".join(f"--{k.replace('_', '-')} {saved.get(k)} (now {now[k]})"
+                              for k in changed)
+            raise UsageError(f"{self.checkpoint} was written with {diffs}; resume with the same "
+                             "settings or choose another --checkpoint")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.epoch, self.step, self.totals = state["epoch"], state["step"], state["totals"]
+        self.history, self.alignment = state["history"], state["alignment"]
+        torch.set_rng_state(state["rng"].cpu())
+        if state["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+
+    def results(self):
+        final = self.history[-1]["test_accuracy"] if self.history else None
+        return {"config": dataclasses.asdict(self.cfg), "status": self.status,
+                "final_test_accuracy": final, "epochs": self.history,
+                "alignment": self.alignment, "aux_flop_shares": self.flop_shares,
+                "versions": {"python": platform.python_version(), "torch": torch.__version__,
+                             "torchvision": torchvision.__version__},
+                "device": str(self.device), "hardware": describe_hardware(self.device),
+                "train_examples": len(self.data.train_x), "test_examples": len(self.data.test_x)}
+
+    def write_results(self):
+        if self.cfg.out:
+            text = json.dumps(self.results(), indent=1).encode()
+            atomic_write(self.cfg.out, lambda f: f.write(text))
+
+    def request_stop(self, signum, frame):
+        if self.stop_signal is not None:  # a second signal stops at once
+            raise KeyboardInterrupt
+        self.stop_signal = signum
+        print(f"received {signal.Signals(signum).name}: stopping after this step", flush=True)
+
+    def train_epoch(self):
+        cfg, data = self.cfg, self.data
+        order = epoch_order(len(data.train_x), cfg.seed, self.epoch)
+        # a last batch of one example is dropped: train-mode BatchNorm needs two
+        steps = len(order) // cfg.batch_size + (len(order) % cfg.batch_size > 1)
+        while self.step < steps and self.stop_signal is None:
+            start = time.perf_counter()
+            idx = order[self.step * cfg.batch_size:(self.step + 1) * cfg.batch_size]
+            x, y = prepare_batch(data, data.train_x[idx], data.train_y[idx], self.device,
+                                 data.augment)
+            self.optimizer.zero_grad(set_to_none=True)
+            global_step = self.epoch * steps + self.step
+            measure = cfg.log_alignment > 0 and global_step % cfg.log_alignment == 0
+            try:
+                result = train_step(self.model, x, y, cfg, measure)
+            except NonFiniteError as e:
+                raise NonFiniteError(f"{e} at epoch {self.epoch + 1}, step {self.step + 1}")
+            if cfg.max_grad_norm:
+                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
+            self.optimizer.step()
+            for j, (cosine, ratio) in enumerate(result.alignment):
+                self.alignment.append({"step": global_step, "epoch": self.epoch + 1, "block": j,
+                                       "cosine": cosine, "norm_ratio": ratio})
+            t = self.totals
+            t["loss"] += result.loss * len(y)
+            t["correct"] += result.correct
+            t["seen"] += len(y)
+            t["zero_guesses"] += result.zero_guesses
+            t["seconds"] += time.perf_counter() - start
+            self.step += 1
+        return self.step == steps
+
+    def log_epoch(self, test):
+        t, J = self.totals, len(self.model.blocks)
+        record = {"epoch": self.epoch + 1, "train_loss": t["loss"] / max(1, t["seen"]),
+                  "train_accuracy": 100 * t["correct"] / max(1, t["seen"]),
+                  "test_accuracy": test[-1], "aux_test_accuracy": test[:-1],
+                  "lr": self.optimizer.param_groups[0]["lr"], "seconds": t["seconds"],
+                  "images_per_second": t["seen"] / max(t["seconds"], 1e-9),
+                  "zero_guesses": t["zero_guesses"]}
+        self.history.append(record)
+        aux = " ".join(f"{a:.1f}" for a in test[:-1])
+        print(f"epoch {self.epoch + 1:3d}/{self.cfg.epochs} | train loss {record['train_loss']:.4f} "
+              f"acc {record['train_accuracy']:5.2f}% | test acc {test[-1]:5.2f}% | aux acc [{aux}] "
+              f"| lr {record['lr']:.4f} | {t['seconds']:.1f} s | "
+              f"{record['images_per_second']:.0f} img/s | zero guesses {t['zero_guesses']}",
+              flush=True)
+        if len(test) != J:
+            raise AssertionError("one accuracy per block expected")
+
+    def train(self):
+        cfg = self.cfg
+        if cfg.resume and self.checkpoint and os.path.exists(self.checkpoint):
+            self.load_checkpoint()
+            print(f"resumed from {self.checkpoint} at epoch {self.epoch + 1}, step {self.step + 1}")
+        elif cfg.resume:
+            print(f"no checkpoint at {self.checkpoint}: starting from scratch")
+        handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            while self.epoch < cfg.epochs:
+                if not self.train_epoch():
+                    break
+                self.log_epoch(evaluate(self.model, self.data, self.device))
+                self.scheduler.step()
+                self.epoch, self.step, self.totals = self.epoch + 1, 0, self.new_totals()
+                self.save_checkpoint()
+                self.write_results()
+        except NonFiniteError as e:
+            self.status = "diverged"
+            self.write_results()
+            kept = f"; the last good checkpoint is {self.checkpoint}" if self.checkpoint else ""
+            print(f"error: {e}{kept}", file=sys.stderr)
+            return 1
+        finally:
+            for s, h in handlers.items():
+                signal.signal(s, h)
+        if self.stop_signal is not None:
+            self.status = "interrupted"
+            self.save_checkpoint()
+            self.write_results()
+            where = f"; resume with --resume --checkpoint {self.checkpoint}" if self.checkpoint else ""
+            print(f"interrupted at epoch {self.epoch + 1}, step {self.step}{where}", flush=True)
+            return 128 + self.stop_signal
+        self.status = "complete"
+        self.write_results()
+        if self.history:
+            print(f"final test accuracy: {self.history[-1]['test_accuracy']:.2f}%")
+        return 0
+
+
+# -------------------------------------------------------------------------------------------------
+# Command line
+
+class UsageError(DataError):
+    """A command-line value is invalid for the data or files at hand."""
+
+
+def print_header(run):
+    cfg = run.cfg
+    n_params = sum(p.numel() for p in run.model.blocks.parameters())
+    n_aux = sum(p.numel() for p in run.model.aux.parameters())
+    print(f"fg.py | torch {torch.__version__} | {run.device} ({describe_hardware(run.device)})")
+    print(f"data {cfg.dataset}: {len(run.data.train_x)} train, {len(run.data.test_x)} test, "
+          f"images {tuple(run.data.train_x.shape[1:])}, {run.data.classes} classes, "
+          f"augment {'on' if run.data.augment else 'off'}")
+    print(f"model: {cfg.blocks} blocks, width {cfg.width}, {n_params / 1e6:.2f}M parameters, "
+          f"{cfg.aux} auxiliary nets {n_aux / 1e6:.2f}M")
+    print("auxiliary FLOPs / block FLOPs: " + " ".join(f"{s:.1%}" for s in run.flop_shares))
+    print(f"estimator: target {cfg.target}, guess {cfg.guess}, space {cfg.space}, "
+          f"engine {cfg.engine}", flush=True)
+
+
+def main(argv=None):
+    cfg = parse_args(argv)
+    try:
+        run = Run(cfg)
+        print_header(run)
+        if cfg.benchmark:
+            return benchmark(run)
+        return run.train()
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
