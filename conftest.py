@@ -9,3 +9,9 @@ settings.register_profile("ci", derandomize=True, deadline=None, max_examples=12
 settings.register_profile("fuzz", deadline=None, max_examples=300,
                           suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def pytest_configure(config):
+    # torch 2.14 scripts its forward-mode decompositions on the first jvp and warns for each
+    config.addinivalue_line("filterwarnings",
+                            "ignore:`torch.jit.script` is deprecated:FutureWarning")

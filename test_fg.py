@@ -1,0 +1,627 @@
+"""Property tests for fg.py: the estimators agree with a float64 autograd oracle, are unbiased
+where theory says so, and whole training steps reduce to backprop and local learning.
+
+Run: python -m pytest -q            (ci profile: derandomized, a few examples per property)
+     python -m pytest -q --hypothesis-profile=fuzz     (many fresh examples)
+"""
+
+import copy
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from hypothesis import example, given
+from hypothesis import strategies as st
+
+import fg
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+EPS64 = torch.finfo(torch.float64).eps
+# Forward and reverse mode compute the same float64 quantity in different operation orders
+# through a few conv, BatchNorm and linear layers. Each sum has at most about 1e4 terms in these
+# models, so rounding stays below 1e4 * eps (2.2e-12) relative to the compared vector's magnitude.
+EXACT_RTOL = 1e4 * EPS64
+# Per-example values of one jvp under train-mode BatchNorm carry the other examples' tangents.
+# Measured on 14 random models per size at batch 32 and 64, the cosine with the exact values was
+# at least 0.89 at the block output and 0.62 per parameter tensor; the bounds keep a margin.
+COUPLED_COSINE_BOUND = {"activation": 0.8, "weight": 0.5}
+# Monte Carlo checks accept |mean - expected| <= z * std / sqrt(draws) per coordinate, with z set
+# so that an unbiased estimator fails with probability at most 1e-4 over all coordinates.
+MC_FALSE_ALARM = 1e-4
+
+
+def assert_agree(actual, expected, rtol=EXACT_RTOL):
+    """Assert max |actual - expected| <= rtol * max |expected| (both float64)."""
+    scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+    error = (actual - expected).abs().max()
+    assert error <= rtol * scale, f"max error {error:.3e} exceeds {rtol:.1e} * {scale:.3e}"
+
+
+def flat(values):
+    """Concatenate a tensor or a dict of tensors into one vector."""
+    if isinstance(values, dict):
+        return torch.cat([v.flatten() for v in values.values()])
+    return values.flatten()
+
+
+# -------------------------------------------------------------------------------------------------
+# Strategies and fixtures
+
+@dataclass
+class BlockCase:
+    """A small float64 model, a batch, and block j's pass ready for the estimators."""
+    blocks: int
+    width: int
+    channels: int
+    aux: str
+    j: int
+    batch: int
+    seed: int
+    train: bool = True
+
+    def build(self):
+        torch.manual_seed(self.seed)
+        model = fg.BlockwiseResNet(self.blocks, self.width, self.channels, 10, self.aux).double()
+        model.train(self.train)
+        x = torch.randn(self.batch, self.channels, 16, 16, dtype=torch.float64)
+        y = torch.randint(0, 10, (self.batch,))
+        with torch.no_grad():
+            for block in model.blocks[:self.j]:
+                x = block(x)
+        return model, fg.BlockPass(model.blocks[self.j], x), y
+
+    def loss_fn(self, model, y, target):
+        return lambda h: F.cross_entropy(model.loss_logits(self.j, h, target), y, reduction="none")
+
+
+@st.composite
+def block_cases(draw, batch=st.integers(2, 6), train=st.booleans()):
+    """Models of 8 or 16 blocks, width 2-4, 1 or 3 input channels, 16x16 images, any block
+    with an auxiliary net, and a small batch: the smallest models where every layer type of the
+    real network appears."""
+    blocks = draw(st.sampled_from([8, 16]))
+    return BlockCase(blocks=blocks, width=draw(st.integers(2, 4)),
+                     channels=draw(st.sampled_from([1, 3])),
+                     aux=draw(st.sampled_from(["linear", "mlp", "cnn"])),
+                     j=draw(st.integers(0, blocks - 2)), batch=draw(batch),
+                     seed=draw(st.integers(0, 2**16)), train=draw(train))
+
+
+def targets():
+    return st.sampled_from(fg.TARGETS)
+
+
+def spaces():
+    return st.sampled_from(["activation", "weight"])
+
+
+def guess_gradient(model, bp, y, case, space):
+    """The aux guess G~ for block j: per-example rows at the output, or weight slices."""
+    G = torch.autograd.grad(F.cross_entropy(model.aux[case.j](bp.output), y), bp.output,
+                            retain_graph=True)[0]
+    return G if space == "activation" else bp.weight_slices(G)
+
+
+def target_cotangent(model, bp, y, case, target):
+    loss = case.loss_fn(model, y, target)(bp.output).mean()
+    return torch.autograd.grad(loss, bp.output, retain_graph=True)[0]
+
+
+def dots_by_engine(case, target, space, engine, exact=False):
+    model, bp, y = case.build()
+    G_guess = guess_gradient(model, bp, y, case, space)
+    with fg.frozen_bn_stats(model):
+        if engine == "autograd":
+            cot = target_cotangent(model, bp, y, case, target)
+            return fg.target_dots(bp, G_guess, space, "autograd", cotangent=cot)
+        return fg.target_dots(bp, G_guess, space, "jvp", case.loss_fn(model, y, target), exact=exact)
+
+
+FIXED_CASE = BlockCase(blocks=8, width=3, channels=3, aux="cnn", j=2, batch=4, seed=7)
+
+
+# -------------------------------------------------------------------------------------------------
+# Directional derivatives
+
+@given(block_cases(), targets(), spaces())
+@example(BlockCase(16, 2, 1, "mlp", 14, 2, 0), "above", "weight")
+def test_jvp_batch_total_matches_autograd(case, target, space):
+    jvp_dots = flat(dots_by_engine(case, target, space, "jvp"))
+    ref = flat(dots_by_engine(case, target, space, "autograd"))
+    assert_agree(jvp_dots.sum().view(1), ref.sum().view(1), EXACT_RTOL * len(ref))
+
+
+@pytest.mark.parametrize("space", ["activation", "weight"])
+def test_jvp_batch_total_example(space):
+    for target in fg.TARGETS:
+        jvp_dots = dots_by_engine(FIXED_CASE, target, space, "jvp")
+        ref = dots_by_engine(FIXED_CASE, target, space, "autograd")
+        assert_agree(flat(jvp_dots).sum().view(1), flat(ref).sum().view(1), 1e3 * EXACT_RTOL)
+
+
+@given(block_cases(train=st.just(False)), targets(), spaces())
+def test_jvp_per_example_exact_in_eval_mode(case, target, space):
+    assert_agree(flat(dots_by_engine(case, target, space, "jvp")),
+                 flat(dots_by_engine(case, target, space, "autograd")))
+
+
+def test_jvp_per_example_eval_mode_example():
+    case = dataclass_replace(FIXED_CASE, train=False)
+    for space in ("activation", "weight"):
+        assert_agree(flat(dots_by_engine(case, "global", space, "jvp")),
+                     flat(dots_by_engine(case, "global", space, "autograd")))
+
+
+def dataclass_replace(case, **changes):
+    return BlockCase(**{**case.__dict__, **changes})
+
+
+@given(block_cases(batch=st.integers(2, 4), train=st.just(True)), targets(), spaces())
+def test_masked_jvp_matches_autograd_in_train_mode(case, target, space):
+    assert_agree(flat(dots_by_engine(case, target, space, "jvp", exact=True)),
+                 flat(dots_by_engine(case, target, space, "autograd")))
+
+
+def test_masked_jvp_train_mode_example():
+    for space in ("activation", "weight"):
+        exact = dots_by_engine(FIXED_CASE, "global", space, "jvp", exact=True)
+        ref = dots_by_engine(FIXED_CASE, "global", space, "autograd")
+        one_jvp = dots_by_engine(FIXED_CASE, "global", space, "jvp")
+        assert_agree(flat(exact), flat(ref))
+        # the one-jvp values differ per example: that is the BatchNorm coupling
+        assert (flat(one_jvp) - flat(ref)).abs().max() > 1e3 * EXACT_RTOL * flat(ref).abs().max()
+
+
+@given(block_cases(batch=st.sampled_from([32, 64]), train=st.just(True)), spaces())
+def test_one_jvp_cosine_bound_in_train_mode(case, space):
+    one_jvp = dots_by_engine(case, "global", space, "jvp")
+    exact = dots_by_engine(case, "global", space, "autograd")
+    if space == "activation":
+        one_jvp, exact = {"output": one_jvp}, {"output": exact}
+    for name in exact:
+        cosine = F.cosine_similarity(one_jvp[name], exact[name], dim=0).item()
+        assert cosine >= COUPLED_COSINE_BOUND[space], f"{name}: cosine {cosine:.3f}"
+
+
+@given(block_cases(), targets())
+def test_weight_slices_sum_to_batch_gradient(case, target):
+    model, bp, y = case.build()
+    cot = target_cotangent(model, bp, y, case, target)
+    slices = bp.weight_slices(cot)
+    assert_agree(flat({n: s.sum(0) for n, s in slices.items()}), flat(bp.backward(cot)))
+
+
+def test_weight_slices_match_per_example_gradients_in_eval_mode():
+    case = dataclass_replace(FIXED_CASE, train=False)
+    model, bp, y = case.build()
+    slices = bp.weight_slices(target_cotangent(model, bp, y, case, "global"))
+    params = list(bp.params.values())
+    for i in range(case.batch):
+        # example i alone, scaled by 1/B as its share of the batch mean
+        logits = model.loss_logits(case.j, bp.block(bp.input[i:i + 1]), "global")
+        own = torch.autograd.grad(F.cross_entropy(logits, y[i:i + 1]) / case.batch, params)
+        assert_agree(flat({n: s[i] for n, s in slices.items()}), flat(dict(zip(bp.params, own))))
+
+
+# -------------------------------------------------------------------------------------------------
+# Projection
+
+def vectors(dim):
+    return st.lists(st.floats(-1e3, 1e3, allow_subnormal=False), min_size=dim, max_size=dim)
+
+
+@given(st.lists(vectors(5), min_size=1, max_size=4), st.data())
+def test_projection_never_ascent(G_rows, data):
+    G = torch.tensor(G_rows, dtype=torch.float64)
+    G_guess = torch.tensor(data.draw(st.lists(vectors(5), min_size=len(G_rows),
+                                              max_size=len(G_rows))), dtype=torch.float64)
+    c, _ = fg.projection_coefficients((G * G_guess).sum(1), fg.guess_sq_norms(G_guess))
+    g_hat = c[:, None] * G_guess
+    assert torch.isfinite(g_hat).all()
+    assert ((g_hat * G).sum(1) >= 0).all()
+
+
+@given(block_cases(), spaces(), st.sampled_from(["jvp", "autograd"]))
+# dead ReLUs zero the guess of some examples; their target is zero too, so the update still matches
+@example(BlockCase(8, 2, 1, "cnn", 0, 2, 0), "weight", "jvp")
+def test_projection_guess_equals_target(case, space, engine):
+    model, bp, y = case.build()
+    G_guess = guess_gradient(model, bp, y, case, space)
+    with fg.frozen_bn_stats(model):
+        cot = target_cotangent(model, bp, y, case, "local")
+        dots = fg.target_dots(bp, G_guess, space, engine, case.loss_fn(model, y, "local"), cot,
+                              exact=True)
+        update, _ = fg.project(bp, G_guess, dots)
+    assert_agree(flat(update), flat(bp.backward(cot)))
+
+
+@given(block_cases(), spaces(),
+       st.floats(-1e3, 1e3).filter(lambda s: abs(s) > 1e-3))
+@example(FIXED_CASE, "weight", -1.0)
+def test_projection_scale_invariant(case, space, scale):
+    model, bp, y = case.build()
+    G_guess = guess_gradient(model, bp, y, case, space)
+    cot = target_cotangent(model, bp, y, case, "global")
+
+    def update_for(guess):
+        dots = fg.target_dots(bp, guess, space, "autograd", cotangent=cot)
+        return fg.project(bp, guess, dots)[0]
+    scaled = ({n: scale * g for n, g in G_guess.items()} if space == "weight"
+              else scale * G_guess)
+    assert_agree(flat(update_for(scaled)), flat(update_for(G_guess)))
+
+
+def test_projection_zero_guess_gives_zero_update():
+    dots = torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64)
+    norms = torch.tensor([0.0, 4.0, 0.0], dtype=torch.float64)
+    c, zeros = fg.projection_coefficients(dots, norms)
+    assert zeros == 2
+    assert c.tolist() == [0.0, 0.5, 0.0]
+    model, bp, y = FIXED_CASE.build()
+    G_guess = torch.zeros_like(bp.output)
+    update, zeros = fg.project(bp, G_guess, torch.zeros(FIXED_CASE.batch, dtype=torch.float64))
+    assert zeros == FIXED_CASE.batch
+    assert all(torch.equal(u, torch.zeros_like(u)) for u in update.values())
+
+
+# -------------------------------------------------------------------------------------------------
+# Unbiasedness of random guesses, by Monte Carlo
+
+MC_CASE = BlockCase(blocks=8, width=2, channels=1, aux="linear", j=5, batch=2, seed=3, train=False)
+MC_DRAWS = 4000
+
+
+def random_updates(space, noise, normalize, draws=MC_DRAWS):
+    """Updates of the random-guess estimator for `draws` independent guesses, (draws, P), and
+    the exact gradient G (P,), on a model in eval mode so that no operation couples the examples.
+    The exact <G_i, v_i> comes from the target's slices, computed once."""
+    torch.manual_seed(0)
+    model, bp, y = MC_CASE.build()
+    cot = target_cotangent(model, bp, y, MC_CASE, "global")
+    slices = bp.weight_slices(cot) if space == "weight" else cot
+    B = MC_CASE.batch
+    updates = []
+    for _ in range(draws):
+        if space == "weight":
+            guess = {n: fg.random_guess((B, *p.shape), noise, p) for n, p in bp.params.items()}
+            dots = {n: (slices[n] * v).flatten(1).sum(1) for n, v in guess.items()}
+        else:
+            guess = fg.random_guess(bp.output.shape, noise, bp.output)
+            dots = (slices * guess).flatten(1).sum(1)
+        updates.append(flat(fg.project(bp, guess, dots, normalize)[0]))
+    return torch.stack(updates), flat(bp.backward(cot)), bp
+
+
+def normal_quantile(tail_probability):
+    return statistics.NormalDist().inv_cdf(1 - tail_probability)
+
+
+def assert_mean_matches(samples, expected):
+    """Check the Monte Carlo mean of `samples` (draws, P) against `expected` (P,) twice.
+
+    Per coordinate: |mean - expected| <= z * std / sqrt(n), z with a Bonferroni correction over
+    the P coordinates. Along expected: the scale s = <sample, expected> / ||expected||^2 has mean 1
+    within z * std(s) / sqrt(n). The second check detects a scale bias that the first, whose
+    tolerance grows with the estimator's variance (about ||G||^2 per coordinate), cannot.
+    Returns the tolerance on the scale.
+    """
+    n, P = samples.shape
+    error = (samples.mean(0) - expected).abs()
+    tolerance = normal_quantile(MC_FALSE_ALARM / (2 * P)) * samples.std(0) / math.sqrt(n)
+    assert (error <= tolerance).all(), f"max error / tolerance {(error / tolerance).max():.2f}"
+    scale = samples @ expected / expected.pow(2).sum()
+    scale_tolerance = normal_quantile(MC_FALSE_ALARM / 2) * scale.std() / math.sqrt(n)
+    assert abs(scale.mean() - 1) <= scale_tolerance, f"scale {scale.mean():.3f}"
+    return scale_tolerance
+
+
+@pytest.mark.parametrize("space", ["activation", "weight"])
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_random_guess_estimator_unbiased(space, noise):
+    samples, G, _ = random_updates(space, noise, normalize=False)
+    scale_tolerance = assert_mean_matches(samples, G)
+    # the check has power: an estimator off by 25% in scale fails it
+    assert scale_tolerance < 0.25
+
+
+@pytest.mark.parametrize("space", ["activation", "weight"])
+@pytest.mark.parametrize("noise", ["gaussian", "rademacher"])
+def test_random_projection_biased_by_inverse_dimension(space, noise):
+    """E[<G, v> / ||v||^2 v] = G / d for d-dimensional v (per tensor in weight space)."""
+    samples, G, bp = random_updates(space, noise, normalize=True)
+    if space == "activation":
+        d = torch.full_like(G, bp.output[0].numel())
+    else:
+        d = torch.cat([torch.full((p.numel(),), p.numel(), dtype=G.dtype)
+                       for p in bp.params.values()])
+    assert_mean_matches(samples * d, G)
+    # the projection form itself falls far short of G: its expected scale along G is
+    # sum_k G_k^2 / d_k / ||G||^2, below 0.5 here since every tensor has d >= 8
+    scale = (samples.mean(0) @ G / G.pow(2).sum()).item()
+    assert d.min() >= 8
+    assert scale < 0.5
+
+
+# -------------------------------------------------------------------------------------------------
+# Whole training steps
+
+def small_model(blocks=8, aux="cnn", seed=0):
+    torch.manual_seed(seed)
+    return fg.BlockwiseResNet(blocks, 3, 3, 10, aux).double()
+
+
+def small_batch(batch=6, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(batch, 3, 16, 16, generator=g, dtype=torch.float64),
+            torch.randint(0, 10, (batch,), generator=g))
+
+
+def step_grads(model, cfg, x, y):
+    fg.train_step(model, x, y, cfg)
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def backprop_grads(model, x, y):
+    """Block gradients of the end-to-end loss and auxiliary gradients of their own losses."""
+    grads = {}
+    h = x
+    hs = []
+    for block in model.blocks:
+        h = block(h)
+        hs.append(h)
+    blocks = list(model.blocks.parameters())
+    for (n, _), g in zip(model.blocks.named_parameters(),
+                         torch.autograd.grad(F.cross_entropy(h, y), blocks)):
+        grads["blocks." + n] = g
+    for j, aux in enumerate(model.aux):
+        loss = F.cross_entropy(aux(hs[j].detach()), y)
+        for (n, _), g in zip(aux.named_parameters(), torch.autograd.grad(loss, list(aux.parameters()))):
+            grads[f"aux.{j}.{n}"] = g
+    return grads
+
+
+def local_grads(model, x, y):
+    """Gradients of greedy local learning: each block and its head on that block's own loss."""
+    grads, h = {}, x
+    last = len(model.blocks) - 1
+    for j, block in enumerate(model.blocks):
+        h = block(h.detach())
+        named = [(f"blocks.{j}.{n}", p) for n, p in block.named_parameters()]
+        logits = h
+        if j < last:
+            logits = model.aux[j](h)
+            named += [(f"aux.{j}.{n}", p) for n, p in model.aux[j].named_parameters()]
+        loss = F.cross_entropy(logits, y)
+        for (name, _), g in zip(named, torch.autograd.grad(loss, [p for _, p in named])):
+            grads[name] = g
+    return grads
+
+
+def configs(target, guess, spaces=("activation", "weight"), engines=("jvp", "autograd")):
+    return [fg.Config(target=target, guess=guess, space=s, engine=e)
+            for s in spaces for e in engines]
+
+
+@pytest.mark.parametrize("cfg", configs("global", "global"), ids=lambda c: f"{c.space}-{c.engine}")
+@pytest.mark.parametrize("blocks", [8, 16])
+def test_step_global_global_equals_backprop(cfg, blocks):
+    model = small_model(blocks)
+    reference = copy.deepcopy(model)
+    x, y = small_batch()
+    grads = step_grads(model, cfg, x, y)
+    expected = backprop_grads(reference, x, y)
+    assert grads.keys() == expected.keys()
+    for name in expected:
+        assert_agree(grads[name], expected[name])
+    # the SGD steps agree as well
+    for m, g in ((model, grads), (reference, expected)):
+        for n, p in m.named_parameters():
+            p.grad = g[n]
+        torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4).step()
+    for (n, p), q in zip(model.named_parameters(), reference.parameters()):
+        assert_agree(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("cfg", configs("local", "aux"), ids=lambda c: f"{c.space}-{c.engine}")
+def test_step_local_aux_equals_local_learning(cfg):
+    model = small_model(16, "mlp")
+    reference = copy.deepcopy(model)
+    x, y = small_batch()
+    grads = step_grads(model, cfg, x, y)
+    expected = local_grads(reference, x, y)
+    for name in expected:
+        assert_agree(grads[name], expected[name])
+
+
+@pytest.mark.parametrize("cfg", [fg.Config(target="global", guess="random", space="weight"),
+                                 fg.Config(target="above", guess="aux", space="activation"),
+                                 fg.Config(target="global", guess="above", space="activation",
+                                           engine="autograd")],
+                         ids=lambda c: f"{c.target}-{c.guess}-{c.space}")
+def test_step_last_block_and_aux_exact(cfg):
+    model = small_model()
+    reference = copy.deepcopy(model)
+    x, y = small_batch()
+    grads = step_grads(model, cfg, x, y)
+    expected = backprop_grads(reference, x, y)
+    last = len(model.blocks) - 1
+    checked = [n for n in expected if n.startswith(f"blocks.{last}.") or n.startswith("aux.")]
+    assert len(checked) > 10
+    for name in checked:
+        assert_agree(grads[name], expected[name])
+
+
+@pytest.mark.parametrize("guess", ["ntk", "fixed-ntk"])
+def test_ntk_aux_nets_never_trained(guess):
+    model = small_model()
+    cfg = fg.Config(target="global", guess=guess, space="activation")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    initial = copy.deepcopy(model.aux.state_dict())
+    for seed in range(3):
+        x, y = small_batch(seed=seed)
+        optimizer.zero_grad(set_to_none=True)
+        fg.train_step(model, x, y, cfg)
+        assert all(p.grad is None for p in model.aux.parameters())
+        optimizer.step()
+    params_now = dict(model.aux.named_parameters())
+    if guess == "fixed-ntk":
+        for name, p in params_now.items():
+            assert torch.equal(p.detach(), initial[name])
+    else:
+        # ntk redraws the auxiliary weights every step, so they differ from the initial ones
+        assert any(not torch.equal(p.detach(), initial[n]) for n, p in params_now.items())
+
+
+@pytest.mark.parametrize("space", ["activation", "weight"])
+def test_step_updates_batchnorm_statistics_once(space):
+    model = small_model()
+    reference = copy.deepcopy(model)
+    x, y = small_batch()
+    fg.train_step(model, x, y, fg.Config(target="global", guess="aux", space=space))
+    with torch.no_grad():
+        h = x
+        for j, block in enumerate(reference.blocks):
+            h = block(h)
+            if j < len(reference.aux):
+                reference.aux[j](h)
+    for (name, a), b in zip(model.state_dict().items(), reference.state_dict().values()):
+        if "running" in name or "num_batches" in name:
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("blocks", [8, 16])
+def test_every_combination_trains_on_synthetic_data(blocks):
+    train_x, train_y, *_ = fg.make_synthetic(seed=0, train_size=8, shape=(3, 16, 16))
+    x = (train_x.float() / 255 - 0.5) / 0.25
+    torch.manual_seed(0)
+    # MLP auxiliary nets: at width 2 a CNN auxiliary net has one channel, whose ReLU can zero
+    # every example's guess, and then a block rightly does not move
+    base = fg.BlockwiseResNet(blocks, 2, 3, 10, "mlp")
+    for target in fg.TARGETS:
+        for guess in fg.GUESSES:
+            for space in ("activation", "weight"):
+                for engine in ("jvp", "autograd"):
+                    cfg = fg.Config(target=target, guess=guess, space=space, engine=engine)
+                    model = copy.deepcopy(base)
+                    before = copy.deepcopy(list(model.blocks.parameters()))
+                    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+                    result = fg.train_step(model, x, train_y, cfg)
+                    optimizer.step()
+                    assert math.isfinite(result.loss), cfg
+                    moved = [not torch.equal(p, q) for p, q in zip(model.blocks.parameters(), before)]
+                    assert all(moved), f"{cfg}: {moved.count(False)} block tensors did not move"
+
+
+# -------------------------------------------------------------------------------------------------
+# Model
+
+@pytest.mark.parametrize("blocks", [8, 16])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("pixels", [28, 32])
+def test_model_shapes(blocks, channels, pixels):
+    model = fg.BlockwiseResNet(blocks, 4, channels, 10, "cnn").eval()
+    x = torch.randn(2, channels, pixels, pixels)
+    size = pixels
+    for j, block in enumerate(model.blocks):
+        stride_two = (j in (2, 4, 6)) if blocks == 8 else (j in (4, 8, 12))
+        size = (size + 1) // 2 if stride_two else size
+        x = block(x)
+        if j < blocks - 1:
+            assert x.shape[2:] == (size, size)
+            assert model.aux[j](x).shape == (2, 10)
+    assert x.shape == (2, 10)
+
+
+@pytest.mark.parametrize("blocks", [8, 16])
+@pytest.mark.parametrize("aux", ["linear", "mlp", "cnn"])
+def test_aux_flops_under_ten_percent_at_width_64(blocks, aux):
+    model = fg.BlockwiseResNet(blocks, 64, 3, 10, aux)
+    shares = fg.aux_flop_shares(model, (3, 32, 32))
+    assert len(shares) == blocks - 1
+    assert max(shares) < 0.10, shares
+    assert min(shares) > 0
+
+
+def test_eight_block_parameter_count_matches_resnet18():
+    ours = fg.BlockwiseResNet(8, 64, 3, 10, "cnn").blocks
+    reference = torchvision.models.resnet18(num_classes=10)
+    # the 32x32 stem is a 3x3 conv, and the classifier head adds a BatchNorm (weight and bias)
+    reference.conv1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False)
+    expected = sum(p.numel() for p in reference.parameters()) + 2 * 512
+    assert sum(p.numel() for p in ours.parameters()) == expected
+
+
+# -------------------------------------------------------------------------------------------------
+# Command line
+
+def run_fg(*args, cwd, timeout=600):
+    return subprocess.run([sys.executable, os.path.join(HERE, "fg.py"), *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def help_entries(text):
+    """Map each option of argparse's --help output to its whole help text."""
+    entries, current = {}, None
+    for line in text.split("options:", 1)[1].splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            entries[current] = line
+        elif current:
+            entries[current] += " " + line.strip()
+    return entries
+
+
+def test_help_lists_every_flag_with_default(tmp_path):
+    out = run_fg("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    entries = help_entries(out.stdout)
+    for f in fg.dataclasses.fields(fg.Config):
+        flag = "--" + f.name.replace("_", "-")
+        assert flag in entries, flag
+        assert f"(default: {f.default})" in entries[flag], entries[flag]
+
+
+def test_synthetic_run_writes_results_json(tmp_path):
+    out = run_fg("--dataset", "synthetic", "--width", "4", "--epochs", "1", "--batch-size", "64",
+                 "--out", "r.json", "--log-alignment", "8", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["status"] == "complete"
+    assert results["config"]["width"] == 4
+    assert results["versions"]["torch"] == torch.__version__
+    assert len(results["epochs"]) == 1
+    epoch = results["epochs"][0]
+    assert len(epoch["aux_test_accuracy"]) == 7
+    assert 0 <= epoch["test_accuracy"] <= 100
+    assert out.stdout.strip().splitlines()[-1] == \
+        f"final test accuracy: {results['final_test_accuracy']:.2f}%"
+    # alignment every 8 steps of 16, for each of the 7 projected blocks
+    assert len(results["alignment"]) == 2 * 7
+    assert all(-1 <= a["cosine"] <= 1 for a in results["alignment"])
+    assert (tmp_path / "checkpoints").is_dir()
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_MNIST),
+                    reason="Debian's dataset-fashion-mnist package is not installed")
+def test_fashion_mnist_short_run_above_chance(tmp_path):
+    out = run_fg("--dataset", "fashion-mnist", "--data-dir", FASHION_MNIST, "--width", "8",
+                 "--epochs", "1", "--train-subset", "8000", "--target", "global", "--guess", "aux",
+                 "--out", "r.json", "--checkpoint", "none", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert results["train_examples"] == 8000
+    assert results["test_examples"] == 10000
+    # 10 balanced classes: chance is 10%. With 8,000 examples the final classifier's running
+    # BatchNorm statistics settle within the epoch; with 2,000 it stayed near chance.
+    assert results["final_test_accuracy"] > 30
