@@ -517,26 +517,27 @@ def frozen_bn_stats(*modules):
             m.track_running_stats = True
 
 
-def jvp_per_example(loss_fn, primal, tangent, exact=False):
+def jvp_per_example(loss_fn, primals, tangents, exact=False):
     """Return <G_i, t_i> for every example i by forward mode, where G is the gradient of
-    loss_fn(primal).mean() with respect to primal and loss_fn returns one loss per example.
+    loss_fn(*primals).mean() with respect to the primals and loss_fn returns one loss per example.
+    primals and tangents are tuples of tensors whose first dimension is the batch.
 
     One jvp of the per-example loss vector gives sum_k d loss_k / B. Its sum over examples is exact.
     Each value is exact only where no operation mixes examples: train-mode BatchNorm does, so each
     value also carries the tangents of the other examples. exact=True runs one jvp per example with
-    the tangent masked to that example (vmapped, B times the tangent cost), which is exact.
+    the tangents masked to that example (vmapped, B times the tangent cost), which is exact.
     Run it inside frozen_bn_stats for models with train-mode BatchNorm.
     """
-    B = primal.shape[0]
+    B = primals[0].shape[0]
     with torch.no_grad():
         if not exact:
-            return jvp(loss_fn, (primal,), (tangent,))[1] / B
-        masks = torch.eye(B, dtype=tangent.dtype, device=tangent.device)
-        masks = masks.view(B, B, *[1] * (tangent.dim() - 1))  # (stream, example, ...)
+            return jvp(loss_fn, primals, tangents)[1] / B
 
-        def masked(mask):
-            return jvp(lambda p: loss_fn(p).mean(), (primal,), (tangent * mask,))[1]
-        return vmap(masked)(masks)
+        def masked(i):
+            masks = [F.one_hot(i, B).to(t.dtype).view(B, *[1] * (t.dim() - 1)) for t in tangents]
+            return jvp(lambda *p: loss_fn(*p).mean(), primals,
+                       tuple(t * m for t, m in zip(tangents, masks)))[1]
+        return vmap(masked)(torch.arange(B, device=primals[0].device))
 
 
 PARAMETRIC_LEAVES = (nn.Conv2d, nn.Linear, nn.BatchNorm1d, nn.BatchNorm2d)
@@ -553,44 +554,24 @@ def normalized_input(bn, x):
     return (x - mean) * torch.rsqrt(var + bn.eps)
 
 
-def conv_with(conv, x, weight):
-    return F.conv2d(x, weight, None, conv.stride, conv.padding, conv.dilation, conv.groups)
+def per_example_conv_grads(conv, x, g):
+    """Per-example weight gradients of a Conv2d, (B, *weight.shape), as one grouped convolution
+    that treats the batch as groups: faster on CPU than vmapping the weight gradient."""
+    B, C = x.shape[:2]
+    O = conv.weight.shape[0]
+    shape = (B * O, *conv.weight.shape[1:])
+    w = torch.nn.grad.conv2d_weight(x.reshape(1, B * C, *x.shape[2:]), shape,
+                                    g.reshape(1, B * O, *g.shape[2:]), conv.stride, conv.padding,
+                                    conv.dilation, B * conv.groups)
+    return w.view(B, *conv.weight.shape)
 
 
-def per_example_grads(module, name, x, g):
-    """Each example's slice of the gradient of parameter `name` of a leaf module, (B, *shape),
-    from the module's input x and the gradient g of the batch loss at its output."""
-    spatial = list(range(2, g.dim()))
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return (g * normalized_input(module, x)).sum(spatial) if name == "weight" else g.sum(spatial)
-    if isinstance(module, nn.Linear):
-        if name == "bias":
-            return g.sum(list(range(1, g.dim() - 1)))
-        return torch.einsum("b...o,b...i->boi", g, x)
-    if name == "bias":
-        return g.sum(spatial)
-
-    def example(xi, gi):
-        return func_grad(lambda w: (conv_with(module, xi[None], w) * gi[None]).sum())(module.weight)
-    return vmap(example)(x, g)
-
-
-def output_tangent(module, name, x, out, V):
-    """The tangent at a leaf module's output when parameter `name` moves along V_i for example i
-    alone, V of shape (B, *shape): the per-example weight tangent seen from the output."""
-    B = x.shape[0]
-    shape = [B, -1] + [1] * (out.dim() - 2)
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if name == "weight":
-            return normalized_input(module, x) * V.view(shape)
-        return V.view(shape).expand_as(out)
-    if isinstance(module, nn.Linear):
-        if name == "bias":
-            return V.view(B, *[1] * (out.dim() - 2), -1).expand_as(out)
-        return torch.einsum("b...i,boi->b...o", x, V)
-    if name == "bias":
-        return V.view(shape).expand_as(out)
-    return vmap(lambda xi, vi: conv_with(module, xi[None], vi)[0])(x, V)
+def per_example_conv(conv, x, V):
+    """conv(x_i, V_i) for every example i with its own weight V_i, as one grouped convolution."""
+    B, C = x.shape[:2]
+    out = F.conv2d(x.reshape(1, B * C, *x.shape[2:]), V.reshape(-1, *V.shape[2:]), None,
+                   conv.stride, conv.padding, conv.dilation, B * conv.groups)
+    return out.view(B, -1, *out.shape[2:])
 
 
 class BlockPass:
@@ -606,6 +587,7 @@ class BlockPass:
         self.params = dict(block.named_parameters())
         self.leaf_of = {}  # parameter name -> (leaf module, its own name for the parameter)
         self.leaves = {}  # leaf module -> (input, output)
+        self.normalized = {}  # BatchNorm leaf -> its normalized input, computed when first needed
         hooks = []
         if record_leaves:
             for prefix, module in block.named_modules():
@@ -633,6 +615,11 @@ class BlockPass:
                                "weight-space estimators need each parametrized leaf to run once")
         self.leaves[module] = (inputs[0].detach(), output)
 
+    def normalized_input(self, bn):
+        if bn not in self.normalized:
+            self.normalized[bn] = normalized_input(bn, self.leaves[bn][0])
+        return self.normalized[bn]
+
     def backward(self, cotangent):
         """Return {name: gradient} of the block parameters for the cotangent at the output."""
         grads = torch.autograd.grad(self.output, list(self.params.values()), cotangent,
@@ -641,39 +628,81 @@ class BlockPass:
                 for (n, p), g in zip(self.params.items(), grads)}
 
     def weight_slices(self, cotangent):
-        """Return {name: (B, *shape)}: each example's slice of the parameter gradient."""
+        """Return {name: (B, *shape)}: each example's slice of the parameter gradient, from the
+        cotangent at the block output (the gradient of the batch mean loss there)."""
         modules = list(self.leaves)
-        outs = [self.leaves[m][1] for m in modules]
-        grads = torch.autograd.grad(self.output, outs, cotangent, retain_graph=True)
+        grads = torch.autograd.grad(self.output, [self.leaves[m][1] for m in modules], cotangent,
+                                    retain_graph=True)
         grad_of = dict(zip(modules, grads))
-        return {n: per_example_grads(m, local, self.leaves[m][0], grad_of[m])
-                for n, (m, local) in self.leaf_of.items()}
+        slices = {}
+        for name, (m, local) in self.leaf_of.items():
+            x, g = self.leaves[m][0], grad_of[m]
+            spatial = list(range(2, g.dim()))
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                slices[name] = ((g * self.normalized_input(m)).sum(spatial) if local == "weight"
+                                else g.sum(spatial))
+            elif isinstance(m, nn.Linear):
+                slices[name] = (torch.einsum("b...o,b...i->boi", g, x) if local == "weight"
+                                else g.sum(list(range(1, g.dim() - 1))))
+            else:
+                slices[name] = (per_example_conv_grads(m, x, g) if local == "weight"
+                                else g.sum(spatial))
+        return slices
 
-    def weight_tangents(self, V):
-        """Return {name: tangent at the leaf output} for per-example weight tangents {name: V}."""
-        out = {}
-        for n, (m, local) in self.leaf_of.items():
-            x, y = self.leaves[m]
-            out[n] = output_tangent(m, local, x, y.detach(), V[n])
-        return out
+    def weight_tangent(self, name, V):
+        """The tangent at the output of the leaf holding parameter `name` when that parameter
+        moves along V_i for example i alone, V of shape (B, *shape)."""
+        m, local = self.leaf_of[name]
+        x, out = self.leaves[m]
+        shape = [x.shape[0], -1] + [1] * (out.dim() - 2)
+        if isinstance(m, nn.Linear):
+            if local == "bias":
+                return V.view(x.shape[0], *[1] * (out.dim() - 2), -1).expand(out.shape)
+            return torch.einsum("b...i,boi->b...o", x, V)
+        if local == "bias":
+            return V.view(shape).expand(out.shape)
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            return self.normalized_input(m) * V.view(shape)
+        return per_example_conv(m, x, V)
 
-    def perturbed(self, name, loss_fn):
-        """Return delta -> loss_fn(block output with delta added to the output of the leaf that
-        holds parameter `name`): the function whose jvp gives weight-space directional derivatives.
-        """
-        module = self.leaf_of[name][0]
+    def perturbed(self, loss_fn):
+        """Return (deltas, f) where f(*deltas) = loss_fn(block output with deltas[k] added to the
+        output of leaf k): the function whose jvp gives weight-space directional derivatives.
+        deltas are zeros, one per leaf in self.leaves order."""
+        modules = list(self.leaves)
+        deltas = tuple(torch.zeros_like(self.leaves[m][1]) for m in modules)
 
-        def loss_with(delta):
-            handle = module.register_forward_hook(lambda m, i, o: o + delta)
+        def loss_with(*delta):
+            hooks = [m.register_forward_hook(lambda mod, i, o, d=d: o + d)
+                     for m, d in zip(modules, delta)]
             try:
                 return loss_fn(self.block(self.input.detach()))
             finally:
-                handle.remove()
-        return loss_with
+                for h in hooks:
+                    h.remove()
+        return deltas, loss_with
 
 
 def guess_sq_norms(G):
     return G.flatten(1).pow(2).sum(1)
+
+
+def weight_space_jvp_dots(bp, G_guess, loss_fn, exact=False):
+    """{name: <G_i, G~_i>} for every parameter tensor of the block, by forward mode.
+
+    Each tensor is one tangent stream, injected at its leaf's output; the streams are vmapped,
+    so the primal forward runs once for all of them.
+    """
+    names = list(G_guess)
+    modules = list(bp.leaves)
+    deltas, loss_with = bp.perturbed(loss_fn)
+    streams = []  # per leaf: (streams, B, ...) tangents, zero in the streams of other tensors
+    for m, delta in zip(modules, deltas):
+        rows = [bp.weight_tangent(n, G_guess[n]) if bp.leaf_of[n][0] is m
+                else torch.zeros_like(delta).expand(delta.shape) for n in names]
+        streams.append(torch.stack(rows))
+    dots = vmap(lambda *t: jvp_per_example(loss_with, deltas, t, exact))(*streams)
+    return dict(zip(names, dots))
 
 
 def target_dots(bp, G_guess, space, engine, loss_fn=None, cotangent=None, exact=False):
@@ -683,16 +712,11 @@ def target_dots(bp, G_guess, space, engine, loss_fn=None, cotangent=None, exact=
     if space == "activation":
         if engine == "autograd":
             return (cotangent * G_guess).flatten(1).sum(1)
-        return jvp_per_example(loss_fn, bp.output.detach(), G_guess, exact)
+        return jvp_per_example(loss_fn, (bp.output.detach(),), (G_guess,), exact)
     if engine == "autograd":
         slices = bp.weight_slices(cotangent)
         return {n: (slices[n] * G_guess[n]).flatten(1).sum(1) for n in G_guess}
-    tangents = bp.weight_tangents(G_guess)
-    dots = {}
-    for n, t in tangents.items():
-        out = bp.leaves[bp.leaf_of[n][0]][1]
-        dots[n] = jvp_per_example(bp.perturbed(n, loss_fn), torch.zeros_like(out), t, exact)
-    return dots
+    return weight_space_jvp_dots(bp, G_guess, loss_fn, exact)
 
 
 def project(bp, G_guess, dots, normalize=True):
@@ -751,71 +775,88 @@ def guess_for_block(bp, cfg, cotangent):
 def train_step(model, x, y, cfg, measure_alignment=False):
     """Set .grad of every parameter to this step's update and return the step's statistics."""
     J = len(model.blocks)
-    exact = GUESS_LOSS[cfg.guess] == cfg.target  # backprop, local learning: no projection
+    guess_loss = GUESS_LOSS[cfg.guess]
+    exact = guess_loss == cfg.target  # backprop, local learning: no projection
     if cfg.guess == "ntk":
         for aux in model.aux:
             reset_parameters(aux)
+    # Reverse-mode gradients of the end-to-end loss need every block's graph at once. Without
+    # them, each block's graph is released once its update is set: forward gradients' memory saving.
+    reverse_target = exact or cfg.engine == "autograd"
+    keep_graphs = (measure_alignment or guess_loss == "global"
+                   or (cfg.target == "global" and reverse_target))
+    passes, head_losses, cache = {}, {}, {}
 
-    # The ordinary forward pass, the only one that updates BatchNorm statistics. Each block's
-    # input is a detached leaf, so gradients cross blocks only where a loss asks for them.
-    passes, h = [], x
-    for j, block in enumerate(model.blocks):
-        record = cfg.space == "weight" and j < J - 1 and not exact
-        passes.append(BlockPass(block, h.detach().requires_grad_(j > 0), record))
-        h = passes[-1].output
-    loss = F.cross_entropy(h, y)
-    if not torch.isfinite(loss):
-        raise NonFiniteError(f"non-finite loss {loss.item()}")
-    aux_losses = [F.cross_entropy(model.aux[j](passes[j].output), y) for j in range(J - 1)]
-    head_losses = aux_losses + [loss]  # the loss of each block's own classifier
+    def block_pass(k):
+        """Block k's ordinary forward pass, the only one that updates its BatchNorm statistics.
+        Its input is a detached leaf, so gradients cross blocks only where a loss asks for them."""
+        if k not in passes:
+            h = x if k == 0 else block_pass(k - 1).output
+            record = cfg.space == "weight" and k < J - 1 and not exact
+            passes[k] = BlockPass(model.blocks[k], h.detach().requires_grad_(k > 0), record)
+        return passes[k]
 
-    cache = {}
+    def head_loss(k):
+        """The batch mean loss of block k's own classifier: its auxiliary net or the final one."""
+        if k not in head_losses:
+            out = block_pass(k).output
+            head_losses[k] = F.cross_entropy(out if k == J - 1 else model.aux[k](out), y)
+        return head_losses[k]
 
     def cotangent(j, kind):
         """The gradient of the batch mean loss `kind` at block j's output (reverse mode)."""
         if (j, kind) not in cache:
             if kind == "local":
-                args = aux_losses[j], passes[j].output, None
+                args = head_loss(j), block_pass(j).output, None
             elif kind == "above" or j == J - 2:
-                args = head_losses[j + 1], passes[j + 1].input, None
+                args = head_loss(j + 1), block_pass(j + 1).input, None
             else:
-                args = passes[j + 1].output, passes[j + 1].input, cotangent(j + 1, "global")
+                args = block_pass(j + 1).output, block_pass(j + 1).input, cotangent(j + 1, "global")
             cache[j, kind] = torch.autograd.grad(*args, retain_graph=True)[0]
         return cache[j, kind]
 
-    # exact gradients: the last block, and the auxiliary nets unless they are ntk guesses
-    last = list(model.blocks[-1].parameters())
-    set_grads(last, torch.autograd.grad(loss, last, retain_graph=True), f"block {J - 1}")
-    if cfg.guess not in ("ntk", "fixed-ntk"):
-        for j, (aux, aux_loss) in enumerate(zip(model.aux, aux_losses)):
-            params = list(aux.parameters())
-            set_grads(params, torch.autograd.grad(aux_loss, params, retain_graph=True),
-                      f"auxiliary net {j}")
-
     zero_guesses, alignment = 0, []
     normalize = cfg.guess != "random" or cfg.random_estimator == "projection"
-    with frozen_bn_stats(model):
-        for j in range(J - 1):
-            bp = passes[j]
-            if exact:
-                update = bp.backward(cotangent(j, cfg.target))
-            else:
-                G_guess = guess_for_block(bp, cfg, lambda kind: cotangent(j, kind))
+    for j in range(J - 1):
+        bp = block_pass(j)
+        # the auxiliary net's exact gradient, unless it is an ntk guess, which is never trained
+        if cfg.guess not in ("ntk", "fixed-ntk"):
+            params = list(model.aux[j].parameters())
+            set_grads(params, torch.autograd.grad(head_loss(j), params, retain_graph=True),
+                      f"auxiliary net {j}")
+        if exact:
+            update = bp.backward(cotangent(j, cfg.target))
+        else:
+            G_guess = guess_for_block(bp, cfg, lambda kind: cotangent(j, kind))
 
-                def target_loss(h, j=j):
-                    logits = model.loss_logits(j, h, cfg.target)
-                    return F.cross_entropy(logits, y, reduction="none")
-                G = cotangent(j, cfg.target) if cfg.engine == "autograd" else None
+            def target_loss(h, j=j):
+                logits = model.loss_logits(j, h, cfg.target)
+                return F.cross_entropy(logits, y, reduction="none")
+            G = cotangent(j, cfg.target) if cfg.engine == "autograd" else None
+            with frozen_bn_stats(model):
                 dots = target_dots(bp, G_guess, cfg.space, cfg.engine, target_loss, G)
-                update, zeros = project(bp, G_guess, dots, normalize)
-                zero_guesses += zeros
-            set_grads(bp.params.values(), update.values(), f"block {j}")
-            if measure_alignment:
-                true = torch.cat([g.flatten() for g in bp.backward(cotangent(j, "global")).values()])
-                est = torch.cat([g.flatten() for g in update.values()])
-                cosine = F.cosine_similarity(est, true, dim=0).item()
-                alignment.append((cosine, (est.norm() / true.norm()).item()))
-    correct = int((h.argmax(1) == y).sum())
+            update, zeros = project(bp, G_guess, dots, normalize)
+            zero_guesses += zeros
+        set_grads(bp.params.values(), update.values(), f"block {j}")
+        if measure_alignment:
+            true = torch.cat([g.flatten() for g in bp.backward(cotangent(j, "global")).values()])
+            est = torch.cat([g.flatten() for g in update.values()])
+            cosine = F.cosine_similarity(est, true, dim=0).item()
+            alignment.append((cosine, (est.norm() / true.norm()).item()))
+        block_pass(j + 1)
+        if not keep_graphs:
+            del passes[j]
+            head_losses.pop(j, None)
+            for kind in ("local", "above", "global"):
+                cache.pop((j, kind), None)
+
+    # the last block's exact gradient
+    loss, last = head_loss(J - 1), block_pass(J - 1)
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"non-finite loss {loss.item()}")
+    set_grads(last.params.values(), last.backward(torch.autograd.grad(loss, last.output)[0]).values(),
+              f"block {J - 1}")
+    correct = int((last.output.argmax(1) == y).sum())
     return StepResult(loss.item(), correct, zero_guesses, alignment)
 
 
