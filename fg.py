@@ -28,6 +28,7 @@ import math
 import os
 import pickle
 import platform
+import re
 import signal
 import sys
 import tempfile
@@ -103,7 +104,8 @@ class Config:
     lr_step: int = field(default=30, metadata={"help": "epochs between learning-rate decays"})
     lr_decay: float = field(default=0.2, metadata={"help": "learning-rate factor at each decay"})
     max_grad_norm: float = field(default=0.0, metadata={
-        "help": "clip the total update norm to this value (0: no clipping)"})
+        "help": "clip the norm of the update of all parameters together to this value, before "
+                "momentum and weight decay (0: no clipping)"})
     # run
     seed: int = field(default=0, metadata={"help": "seed for weights, data order and noise"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu, "
@@ -137,41 +139,82 @@ def build_parser():
     return parser
 
 
-def parse_args(argv=None):
-    """Parse the command line into a Config; invalid values exit with status 2 naming the flag."""
-    parser = build_parser()
-    cfg = Config(**vars(parser.parse_args(argv)))
+def number_problem(cfg):
+    """Return a message naming the first numeric setting out of its range, or None."""
     checks = [
         ("--epochs", cfg.epochs, cfg.epochs >= 0, "an integer >= 0"),
-        ("--batch-size", cfg.batch_size, cfg.batch_size >= 1, "an integer >= 1"),
+        # train-mode BatchNorm needs two examples per batch to compute a variance
+        ("--batch-size", cfg.batch_size, cfg.batch_size >= 2, "an integer >= 2"),
         ("--width", cfg.width, cfg.width >= 1, "an integer >= 1"),
-        ("--lr", cfg.lr, cfg.lr > 0 and math.isfinite(cfg.lr), "a finite number > 0"),
+        ("--lr", cfg.lr, 0 < cfg.lr < math.inf, "a finite number > 0"),
         ("--momentum", cfg.momentum, 0 <= cfg.momentum < 1, "a number in [0, 1)"),
-        ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0, "a number >= 0"),
+        ("--weight-decay", cfg.weight_decay, 0 <= cfg.weight_decay < math.inf,
+         "a finite number >= 0"),
         ("--lr-step", cfg.lr_step, cfg.lr_step >= 1, "an integer >= 1"),
         ("--lr-decay", cfg.lr_decay, 0 < cfg.lr_decay <= 1, "a number in (0, 1]"),
-        ("--max-grad-norm", cfg.max_grad_norm, cfg.max_grad_norm >= 0, "a number >= 0"),
-        ("--train-subset", cfg.train_subset, cfg.train_subset >= 0, "an integer >= 0"),
+        ("--max-grad-norm", cfg.max_grad_norm, 0 <= cfg.max_grad_norm < math.inf,
+         "a finite number >= 0 (0: no clipping)"),
+        ("--train-subset", cfg.train_subset, cfg.train_subset == 0 or cfg.train_subset >= 2,
+         "0 (all examples) or an integer >= 2"),
+        # epoch_order seeds a generator with seed * 100003 + epoch, which must stay below 2**64
+        ("--seed", cfg.seed, 0 <= cfg.seed < 2**32, "an integer in [0, 4294967295]"),
         ("--log-alignment", cfg.log_alignment, cfg.log_alignment >= 0, "an integer >= 0"),
         ("--benchmark-steps", cfg.benchmark_steps, cfg.benchmark_steps >= 1, "an integer >= 1"),
     ]
     for flag, value, ok, valid in checks:
         if not ok:
-            parser.error(f"invalid value for {flag}: {value}; expected {valid}")
+            return f"invalid value for {flag}: {value}; expected {valid}"
+    return None
+
+
+def device_problem(name):
+    """Return a message if --device names no device of this machine, or None."""
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", name):
+        return f"invalid value for --device: {name}; expected auto, cpu, cuda or cuda:N"
+    if not name.startswith("cuda"):
+        return None
+    if not torch.cuda.is_available():
+        return f"invalid value for --device: {name}; CUDA is not available here, use --device cpu"
+    count = torch.cuda.device_count()
+    if int(name.partition(":")[2] or 0) >= count:
+        return (f"invalid value for --device: {name}; expected cuda:0 to cuda:{count - 1}, "
+                "the CUDA devices of this machine")
+    return None
+
+
+def path_problem(cfg):
+    """Return a message if a file or folder setting cannot work, or None."""
     if os.path.isfile(cfg.data_dir):
-        parser.error(f"invalid value for --data-dir: {cfg.data_dir} is a file; expected a folder")
-    if cfg.device != "auto" and not cfg.device.startswith(("cpu", "cuda")):
-        parser.error(f"invalid value for --device: {cfg.device}; expected auto, cpu, cuda or cuda:N")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"invalid value for --device: {cfg.device}, but CUDA is not available here; "
-                     "use --device cpu")
-    if cfg.resume and cfg.checkpoint == "none":
-        parser.error("--resume needs a checkpoint file; remove --checkpoint none")
+        return f"invalid value for --data-dir: {cfg.data_dir} is a file; expected a folder"
+    checkpoint = checkpoint_path(cfg)
+    for flag, path in (("--out", cfg.out), ("--checkpoint", checkpoint)):
+        if path and os.path.isdir(path):
+            return f"invalid value for {flag}: {path} is a folder; expected a file name"
+    if cfg.resume and checkpoint is None:
+        return "--resume needs a checkpoint file; remove --checkpoint none"
+    # Starting over would replace the checkpoint of an earlier run after one epoch.
+    if checkpoint and not cfg.resume and not cfg.benchmark and os.path.exists(checkpoint):
+        return (f"--checkpoint {checkpoint} already exists; pass --resume to continue that run, "
+                "or delete the file or choose another --checkpoint to start over")
+    return None
+
+
+def parse_args(argv=None):
+    """Parse the command line into a Config; invalid values exit with status 2 naming the flag."""
+    parser = build_parser()
+    cfg = Config(**vars(parser.parse_args(argv)))
+    problem = number_problem(cfg) or device_problem(cfg.device) or path_problem(cfg)
+    if problem:
+        parser.error(problem)
     return cfg
 
 
 class DataError(Exception):
     """A dataset file is missing, corrupt or not of the expected form."""
+
+
+class UsageError(DataError):
+    """A command-line value is invalid for the data or files at hand."""
 
 
 # -------------------------------------------------------------------------------------------------
@@ -321,8 +364,9 @@ def load_data(cfg):
                         f"training images' {tuple(train_x.shape[1:])}")
     if cfg.train_subset:
         if cfg.train_subset > len(train_x):
-            raise DataError(f"invalid value for --train-subset: {cfg.train_subset} is larger than "
-                            f"the {len(train_x)} training examples of {cfg.dataset}")
+            raise UsageError(f"invalid value for --train-subset: {cfg.train_subset}; expected 0 "
+                             f"(all examples) or an integer in [2, {len(train_x)}], the number "
+                             f"of {cfg.dataset} training examples")
         keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))
         keep = keep[:cfg.train_subset]
         train_x, train_y = train_x[keep], train_y[keep]
@@ -1055,10 +1099,6 @@ class Run:
 
 # -------------------------------------------------------------------------------------------------
 # Command line
-
-class UsageError(DataError):
-    """A command-line value is invalid for the data or files at hand."""
-
 
 def print_header(run):
     cfg = run.cfg
