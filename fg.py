@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -220,19 +221,37 @@ class UsageError(DataError):
 # -------------------------------------------------------------------------------------------------
 # Data: every dataset becomes uint8 images (N, C, H, W) and int64 labels held in memory.
 
+# The files each dataset needs in --data-dir, as error messages name them.
+EXPECTED_FILES = {
+    "fashion-mnist": "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte "
+                     "and t10k-labels-idx1-ubyte, each gzipped (.gz) or not",
+    "imagenet32": "train_data_batch_1 to train_data_batch_10 and val_data, the unpacked pickles "
+                  "of downsampled ImageNet 32x32",
+}
+
+
 def read_idx(path):
     """Read an idx file (the MNIST format), gzipped or not, into a uint8 array."""
     opener = gzip.open if path.endswith(".gz") else open
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot read the file ({e}); replace it with an intact copy")
+    # gzip raises EOFError for a cut-off file, BadGzipFile for a bad header or checksum and
+    # zlib.error for a damaged compressed stream.
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: the gzip data is truncated or corrupt ({e}); replace the file "
+                        "with an intact copy") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror})") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
-        raise DataError(f"{path}: not an idx file of unsigned bytes (bad magic number)")
-    ndim = raw[3]
+        raise DataError(f"{path}: not an idx file of unsigned bytes: the magic number is "
+                        f"0x{raw[:4].hex()}, expected 0x000008 followed by the number of "
+                        "dimensions; replace the file with an intact copy")
+    ndim, start = raw[3], 4 + 4 * raw[3]
+    if len(raw) < start:
+        raise DataError(f"{path}: the idx header of {ndim} dimensions is cut off after "
+                        f"{len(raw)} bytes; the file is truncated")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    start = 4 + 4 * ndim
     if len(raw) - start != math.prod(shape):
         raise DataError(f"{path}: header declares shape {shape} ({math.prod(shape)} bytes) "
                         f"but the file holds {len(raw) - start}; the file is truncated or corrupt")
@@ -249,26 +268,26 @@ def find_idx(folder, stem):
 
 
 def load_fashion_mnist(folder):
+    """Read the four idx files from folder or its FashionMNIST/raw; nothing is downloaded, so an
+    offline machine gets the list of files to copy instead of a network error."""
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
     paths = [find_idx(folder, s) for s in stems]
     if None in paths:
-        try:
-            torchvision.datasets.FashionMNIST(folder, download=True)
-        except Exception as e:  # any failure to download leads to the same advice
-            missing = [s for s, p in zip(stems, paths) if p is None]
-            raise DataError(
-                f"Fashion-MNIST files {', '.join(missing)} (.gz or not) are missing in {folder} "
-                f"and the download failed ({type(e).__name__}); put the four idx files there, "
-                "for example from Debian's dataset-fashion-mnist package "
-                "(/usr/share/datasets/fashion-mnist)") from None
-        paths = [find_idx(folder, s) for s in stems]
+        missing = [s for s, p in zip(stems, paths) if p is None]
+        raise DataError(
+            f"Fashion-MNIST files missing in {folder}: {', '.join(missing)}; copy "
+            f"{EXPECTED_FILES['fashion-mnist']} into {folder}, for example from "
+            "/usr/share/datasets/fashion-mnist, where Debian's dataset-fashion-mnist package "
+            "installs them")
     arrays = [read_idx(p) for p in paths]
     for (images, labels), (pi, pl) in zip((arrays[:2], arrays[2:]), (paths[:2], paths[2:])):
         if images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise DataError(f"{pi}: images have shape {images.shape[1:]}, expected (28, 28)")
+            raise DataError(f"{pi}: images of shape {images.shape[1:]}, expected (28, 28); "
+                            "the file is not Fashion-MNIST images")
         if labels.shape != (len(images),):
-            raise DataError(f"{pl}: {labels.shape} labels for {len(images)} images in {pi}")
+            raise DataError(f"{pl}: labels of shape {labels.shape} for the {len(images)} images "
+                            f"in {pi}; expected one label per image")
     images = [torch.from_numpy(a.copy())[:, None] for a in arrays[0::2]]
     labels = [torch.from_numpy(a.astype(np.int64)) for a in arrays[1::2]]
     return images[0], labels[0], images[1], labels[1], paths[1::2]
@@ -279,9 +298,10 @@ def load_cifar10(folder):
         sets = [torchvision.datasets.CIFAR10(folder, train=t, download=True) for t in (True, False)]
     except Exception as e:  # offline, or a corrupt archive that fails the checksum
         raise DataError(
-            f"CIFAR-10 is not in {folder} and could not be downloaded ({type(e).__name__}: {e}); "
-            f"put cifar-10-python.tar.gz or its extracted folder cifar-10-batches-py in "
-            f"{folder} (from https://www.cs.toronto.edu/~kriz/cifar.html)") from None
+            f"CIFAR-10 is missing or damaged in {folder} and could not be downloaded "
+            f"({type(e).__name__}: {e}); put cifar-10-python.tar.gz or its extracted folder "
+            f"cifar-10-batches-py in {folder} (from https://www.cs.toronto.edu/~kriz/cifar.html)"
+        ) from None
     out = []
     for s in sets:
         out += [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
@@ -289,18 +309,111 @@ def load_cifar10(folder):
     return (*out, [os.path.join(folder, "cifar-10-batches-py")] * 2)
 
 
+# Numpy arrays in a pickle are rebuilt by the stand-ins below, not by numpy: numpy's own
+# __setstate__ trusts the pickled dtype header, and damaged headers made numpy 2.4 raise
+# SystemError or crash the interpreter.
+
+class PickledDtype:
+    """A dtype read from a pickle: a plain number type code such as 'u1' and its byte order."""
+
+    def __init__(self, code, align=False, copy=True):
+        if not (isinstance(code, str) and re.fullmatch(r"[biuf][1248]", code)):
+            raise pickle.UnpicklingError(f"dtype {code!r} is not a plain number type")
+        self.code, self.byteorder = code, "|"
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 8 and state[1] in ("<", ">", "|", "=")
+                and state[2:5] == (None, None, None) and state[7] == 0):
+            raise pickle.UnpicklingError(f"damaged header of dtype {self.code}")
+        self.byteorder = state[1]
+
+
+def pickled_array(raw, dtype, shape, order="C"):
+    """Build an array from the parts a pickle stores, after checking that they agree; the
+    arguments are those of numpy's _frombuffer."""
+    if not (isinstance(dtype, PickledDtype) and isinstance(shape, tuple)
+            and all(isinstance(n, int) and n >= 0 for n in shape) and order in ("C", "F")):
+        raise pickle.UnpicklingError("damaged array header")
+    # Python 2 pickles store the bytes as a string, which encoding="latin1" decodes one to one.
+    raw = raw.encode("latin1") if isinstance(raw, str) else raw
+    dtype = np.dtype(dtype.code).newbyteorder(dtype.byteorder)
+    size = memoryview(raw).nbytes
+    if size != math.prod(shape) * dtype.itemsize:
+        raise pickle.UnpicklingError(f"array of shape {shape} and type {dtype} stored in {size} "
+                                     "bytes")
+    return np.frombuffer(raw, dtype).reshape(shape, order=order)
+
+
+class PickledArray:
+    """An array that pickle protocols 2 to 4 create empty, then fill by __setstate__."""
+
+    def __init__(self, *args):
+        self.array = None
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError("damaged array state")
+        _, shape, dtype, fortran, raw = state
+        self.array = pickled_array(raw, dtype, shape, "F" if fortran else "C")
+
+
+def latin1_bytes(text, encoding):
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"bytes encoded as {encoding!r}")
+    return text.encode("latin1")
+
+
+# The globals a pickled ImageNet32 batch may name, under the module names of numpy 1 and 2.
+PICKLE_GLOBALS = {("numpy", "dtype"): PickledDtype, ("numpy", "ndarray"): PickledArray,
+                  ("_codecs", "encode"): latin1_bytes}
+for numpy_core in ("numpy.core", "numpy._core"):
+    PICKLE_GLOBALS[numpy_core + ".multiarray", "_reconstruct"] = PickledArray
+    PICKLE_GLOBALS[numpy_core + ".multiarray", "scalar"] = (
+        lambda dtype, raw: pickled_array(raw, dtype, ())[()])
+    PICKLE_GLOBALS[numpy_core + ".numeric", "_frombuffer"] = pickled_array
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and plain Python values only, so that a corrupt or
+    foreign file can neither run code nor reach numpy's unchecked array constructors."""
+
+    def find_class(self, module, name):
+        if (module, name) not in PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"the pickle refers to {module}.{name}, which no "
+                                         "ImageNet32 batch does")
+        return PICKLE_GLOBALS[module, name]
+
+
+def unpickled_array(value):
+    return np.asarray(value.array if isinstance(value, PickledArray) else value)
+
+
 def load_imagenet32_file(path):
+    """Read one pickled batch into uint8 images (N, 3, 32, 32) and labels 0..999."""
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f)
-        data, labels = np.asarray(batch["data"], dtype=np.uint8), np.asarray(batch["labels"])
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+            # latin1 decodes the byte strings in numpy arrays pickled by Python 2
+            batch = BatchUnpickler(f, encoding="latin1").load()
+        data, labels = unpickled_array(batch["data"]), unpickled_array(batch["labels"])
+    # A damaged pickle stream fails in the unpickler's stack or memo with any of these.
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, IndexError, TypeError,
+            ValueError, AttributeError, OverflowError, MemoryError) as e:
         raise DataError(f"{path}: not a readable ImageNet32 batch ({type(e).__name__}: {e}); "
-                        "expected a pickled dict with 'data' and 'labels'") from None
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise DataError(f"{path}: data of shape {data.shape} with {len(labels)} labels; "
-                        "expected (N, 3072) uint8 images of 32x32 pixels and N labels")
-    return torch.from_numpy(data).view(-1, 3, 32, 32), torch.from_numpy(labels.astype(np.int64) - 1)
+                        "expected a pickled dict with 'data' and 'labels'; replace the file "
+                        "with an intact copy") from None
+    not_bytes = data.dtype.kind not in "ui" or (
+        data.dtype != np.uint8 and data.size > 0 and (data.min() < 0 or data.max() > 255))
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or not_bytes:
+        raise DataError(f"{path}: 'data' is {data.dtype} of shape {data.shape}; expected "
+                        "N images of 3x32x32 pixels as integers 0..255 of shape (N, 3072)")
+    if labels.shape != (len(data),) or labels.dtype.kind not in "ui":
+        raise DataError(f"{path}: 'labels' is {labels.dtype} of shape {labels.shape}; expected "
+                        f"{len(data)} integers, one per image")
+    if len(labels) and (labels.min() < 1 or labels.max() > 1000):
+        raise DataError(f"{path}: labels range over [{labels.min()}, {labels.max()}]; expected "
+                        "[1, 1000], the ImageNet classes")
+    images = torch.from_numpy(data.astype(np.uint8)).view(-1, 3, 32, 32)
+    return images, torch.from_numpy(labels.astype(np.int64) - 1)
 
 
 def load_imagenet32(folder):
@@ -309,8 +422,8 @@ def load_imagenet32(folder):
     missing = [p for p in train_paths + [test_path] if not os.path.isfile(p)]
     if missing:
         raise DataError(f"ImageNet32 files missing in {folder}: "
-                        f"{', '.join(os.path.basename(p) for p in missing)}; put the unpacked "
-                        "train_data_batch_1..10 and val_data of downsampled ImageNet 32x32 there")
+                        f"{', '.join(os.path.basename(p) for p in missing)}; copy "
+                        f"{EXPECTED_FILES['imagenet32']} into {folder}")
     train = [load_imagenet32_file(p) for p in train_paths]
     test_x, test_y = load_imagenet32_file(test_path)
     train_x, train_y = torch.cat([t[0] for t in train]), torch.cat([t[1] for t in train])
@@ -348,8 +461,8 @@ def load_data(cfg):
         parts = make_synthetic(cfg.seed)
     else:
         if not os.path.isdir(cfg.data_dir) and cfg.dataset != "cifar10":
-            raise DataError(f"--data-dir {cfg.data_dir} does not exist; create it and put "
-                            f"the {cfg.dataset} files there")
+            raise DataError(f"--data-dir {cfg.data_dir} does not exist; create it and copy "
+                            f"{EXPECTED_FILES[cfg.dataset]} into it")
         loader = {"cifar10": load_cifar10, "fashion-mnist": load_fashion_mnist,
                   "imagenet32": load_imagenet32}[cfg.dataset]
         parts = loader(cfg.data_dir)
@@ -359,6 +472,9 @@ def load_data(cfg):
         if len(y) and (y.min() < 0 or y.max() >= classes):
             raise DataError(f"{name}: labels range over [{y.min()}, {y.max()}], expected "
                             f"[0, {classes - 1}] for {cfg.dataset}")
+    if len(train_x) < 2 or len(test_x) < 1:
+        raise DataError(f"{train_file}: {len(train_x)} training and {len(test_x)} test examples; "
+                        "expected at least 2 and 1")
     if test_x.shape[1:] != train_x.shape[1:]:
         raise DataError(f"{test_file}: images of shape {tuple(test_x.shape[1:])} differ from the "
                         f"training images' {tuple(train_x.shape[1:])}")

@@ -7,11 +7,18 @@ minute. The real Fashion-MNIST files serve only as sources for corrupt copies.
 """
 
 import contextlib
+import gzip
 import io
 import math
+import os
+import pickle
+import socket
+import urllib.error
 
+import numpy as np
 import pytest
 import torch
+import torchvision
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -179,3 +186,307 @@ def test_main_rejects_train_subset_larger_than_data(capsys):
     assert status == 2
     assert ("invalid value for --train-subset: 5000; expected 0 (all examples) or an integer "
             "in [2, 1024]") in stderr
+
+
+# -------------------------------------------------------------------------------------------------
+# Data faults
+
+FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+FASHION_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+                 "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+needs_fashion_mnist = pytest.mark.skipif(
+    not os.path.isdir(FASHION_MNIST), reason="needs Debian's dataset-fashion-mnist package")
+
+
+def load_error(dataset, folder):
+    """Return the message of the DataError that loading `dataset` from folder raises."""
+    cfg = fg.parse_args(["--dataset", dataset, "--data-dir", str(folder), "--checkpoint", "none",
+                         "--device", "cpu"])
+    with pytest.raises(fg.DataError) as error:
+        fg.load_data(cfg)
+    return str(error.value)
+
+
+def fashion_mnist_folder(tmp_path, replace=()):
+    """A folder linking the real Fashion-MNIST files, except the stems in `replace`."""
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    for stem in FASHION_FILES:
+        if stem not in replace:
+            os.symlink(os.path.join(FASHION_MNIST, stem + ".gz"), folder / (stem + ".gz"))
+    return folder
+
+
+def write_idx(path, array):
+    """Write a uint8 array as an idx file, uncompressed."""
+    dims = b"".join(n.to_bytes(4, "big") for n in array.shape)
+    path.write_bytes(bytes([0, 0, 8, array.ndim]) + dims + array.astype(np.uint8).tobytes())
+
+
+def real_gzip(stem):
+    with open(os.path.join(FASHION_MNIST, stem + ".gz"), "rb") as f:
+        return f.read()
+
+
+def test_fashion_mnist_missing_folder_names_files(tmp_path, capsys):
+    folder = tmp_path / "absent"
+    status = fg.main(["--dataset", "fashion-mnist", "--data-dir", str(folder),
+                      "--checkpoint", "none", "--device", "cpu"])
+    stderr = capsys.readouterr().err
+    assert status == 1
+    assert f"error: --data-dir {folder} does not exist; create it and copy " in stderr
+    for stem in FASHION_FILES:
+        assert stem in stderr
+    assert not folder.exists()
+
+
+def test_fashion_mnist_missing_files_named_without_download(tmp_path, monkeypatch):
+    folder = tmp_path / "fashion-mnist"
+    folder.mkdir()
+    write_idx(folder / "train-labels-idx1-ubyte", np.zeros(3))
+
+    def no_network(*args):
+        raise AssertionError("the loader opened a network connection")
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", no_network)
+    message = load_error("fashion-mnist", folder)
+    assert message.startswith(f"Fashion-MNIST files missing in {folder}: train-images-idx3-ubyte, "
+                              "t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte; copy ")
+    assert f"into {folder}, for example from /usr/share/datasets/fashion-mnist" in message
+    assert sorted(os.listdir(folder)) == ["train-labels-idx1-ubyte"]
+
+
+def cut_in_half(data):
+    return data[:len(data) // 2]
+
+
+def flip_middle_bytes(data):
+    middle = len(data) // 2
+    return data[:middle] + bytes(b ^ 0xFF for b in data[middle:middle + 64]) + data[middle + 64:]
+
+
+def break_gzip_header(data):
+    return b"PK" + data[2:]
+
+
+@needs_fashion_mnist
+@pytest.mark.parametrize("damage", [cut_in_half, flip_middle_bytes, break_gzip_header])
+def test_fashion_mnist_corrupt_gzip_names_file(damage, tmp_path):
+    folder = fashion_mnist_folder(tmp_path, replace=["t10k-labels-idx1-ubyte"])
+    path = folder / "t10k-labels-idx1-ubyte.gz"
+    path.write_bytes(damage(real_gzip("t10k-labels-idx1-ubyte")))
+    message = load_error("fashion-mnist", folder)
+    assert message.startswith(f"{path}: the gzip data is truncated or corrupt (")
+    assert message.endswith("replace the file with an intact copy")
+
+
+@pytest.mark.parametrize("content, problem", [
+    (bytes([0, 0, 0x0C, 1, 0, 0, 0, 1, 7]), "the magic number is 0x00000c01, expected 0x000008"),
+    (b"", "the magic number is 0x, expected 0x000008"),
+    (bytes([0, 0, 8, 3, 0, 0]), "the idx header of 3 dimensions is cut off after 6 bytes"),
+    (bytes([0, 0, 8, 1, 0, 0, 0, 5, 1, 2]),
+     "header declares shape (5,) (5 bytes) but the file holds 2; the file is truncated"),
+])
+def test_read_idx_malformed_file_names_problem(content, problem, tmp_path):
+    path = tmp_path / "labels-idx1-ubyte"
+    path.write_bytes(content)
+    with pytest.raises(fg.DataError) as error:
+        fg.read_idx(str(path))
+    assert str(error.value).startswith(f"{path}: ")
+    assert problem in str(error.value)
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_wrong_image_size_names_file(tmp_path):
+    folder = fashion_mnist_folder(tmp_path, replace=["t10k-images-idx3-ubyte"])
+    path = folder / "t10k-images-idx3-ubyte"
+    write_idx(path, np.zeros((10000, 32, 32)))
+    message = load_error("fashion-mnist", folder)
+    assert message == (f"{path}: images of shape (32, 32), expected (28, 28); the file is not "
+                       "Fashion-MNIST images")
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_label_count_mismatch_names_files(tmp_path):
+    folder = fashion_mnist_folder(tmp_path, replace=["t10k-labels-idx1-ubyte"])
+    path = folder / "t10k-labels-idx1-ubyte"
+    write_idx(path, np.zeros(9999))
+    message = load_error("fashion-mnist", folder)
+    assert message == (f"{path}: labels of shape (9999,) for the 10000 images in "
+                       f"{folder / 't10k-images-idx3-ubyte.gz'}; expected one label per image")
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_label_out_of_range_names_file(tmp_path):
+    folder = fashion_mnist_folder(tmp_path, replace=["t10k-labels-idx1-ubyte"])
+    path = folder / "t10k-labels-idx1-ubyte"
+    labels = np.frombuffer(gzip.decompress(real_gzip("t10k-labels-idx1-ubyte")), np.uint8, -1, 8)
+    write_idx(path, np.where(np.arange(len(labels)) == 17, 10, labels))
+    message = load_error("fashion-mnist", folder)
+    assert message == f"{path}: labels range over [0, 10], expected [0, 9] for fashion-mnist"
+
+
+@needs_fashion_mnist
+def test_fashion_mnist_real_files_load(tmp_path):
+    folder = tmp_path / "FashionMNIST" / "raw"
+    folder.mkdir(parents=True)
+    for stem in FASHION_FILES:
+        os.symlink(os.path.join(FASHION_MNIST, stem + ".gz"), folder / (stem + ".gz"))
+    cfg = fg.parse_args(["--dataset", "fashion-mnist", "--data-dir", str(tmp_path),
+                         "--checkpoint", "none"])
+    data = fg.load_data(cfg)
+    assert data.train_x.shape == (60000, 1, 28, 28)
+    assert data.test_x.shape == (10000, 1, 28, 28)
+    assert data.train_y.bincount().tolist() == [6000] * 10
+    assert data.test_y.bincount().tolist() == [1000] * 10
+
+
+@needs_fashion_mnist
+def test_main_data_error_prints_one_line(tmp_path, capsys):
+    folder = fashion_mnist_folder(tmp_path, replace=["train-labels-idx1-ubyte"])
+    path = folder / "train-labels-idx1-ubyte.gz"
+    path.write_bytes(cut_in_half(real_gzip("train-labels-idx1-ubyte")))
+    status = fg.main(["--dataset", "fashion-mnist", "--data-dir", str(folder),
+                      "--checkpoint", "none", "--device", "cpu"])
+    stderr = capsys.readouterr().err
+    assert status == 1
+    assert stderr.startswith(f"error: {path}: the gzip data is truncated or corrupt")
+    assert stderr.count("\n") == 1
+
+
+def test_cifar10_download_failure_names_folder(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    message = load_error("cifar10", tmp_path)
+    assert message.startswith(f"CIFAR-10 is missing or damaged in {tmp_path} and could not be "
+                              "downloaded (URLError: ")
+    assert f"cifar-10-batches-py in {tmp_path}" in message
+
+
+def imagenet32_batch(images=4, labels=None, shape=(3072,)):
+    """A pickled batch as downsampled ImageNet ships it: uint8 rows and labels 1..1000."""
+    data = np.arange(images * math.prod(shape), dtype=np.int64).reshape(images, *shape) % 256
+    labels = list(range(1, images + 1)) if labels is None else labels
+    return {"data": data.astype(np.uint8), "labels": labels, "mean": np.zeros(3072)}
+
+
+def imagenet32_folder(tmp_path, faulty=None, protocol=2):
+    """Ten train batches and val_data; `faulty` maps a file name to the bytes it holds."""
+    folder = tmp_path / "imagenet32"
+    folder.mkdir()
+    names = [f"train_data_batch_{i}" for i in range(1, 11)] + ["val_data"]
+    for name in names:
+        content = pickle.dumps(imagenet32_batch(), protocol=protocol)
+        (folder / name).write_bytes((faulty or {}).get(name, content))
+    return folder
+
+
+@pytest.mark.parametrize("protocol", [2, 4, 5])
+def test_imagenet32_valid_batches_load(protocol, tmp_path):
+    folder = imagenet32_folder(tmp_path, protocol=protocol)
+    cfg = fg.parse_args(["--dataset", "imagenet32", "--data-dir", str(folder),
+                         "--checkpoint", "none"])
+    data = fg.load_data(cfg)
+    expected = torch.arange(4 * 3072).view(4, 3, 32, 32) % 256
+    assert data.train_x.shape == (40, 3, 32, 32)
+    assert torch.equal(data.test_x, expected.to(torch.uint8))
+    assert data.test_y.tolist() == [0, 1, 2, 3]
+
+
+def test_imagenet32_missing_files_named(tmp_path):
+    folder = imagenet32_folder(tmp_path)
+    os.remove(folder / "train_data_batch_7")
+    os.remove(folder / "val_data")
+    message = load_error("imagenet32", folder)
+    assert message.startswith(f"ImageNet32 files missing in {folder}: train_data_batch_7, "
+                              "val_data; copy train_data_batch_1 to train_data_batch_10 and "
+                              f"val_data")
+
+
+class Reduced:
+    """An object that pickles as an arbitrary call: callable(*args), then state if given."""
+
+    def __init__(self, callable, args, state=None):
+        self.reduced = (callable, args) if state is None else (callable, args, state)
+
+    def __reduce__(self):
+        return self.reduced
+
+
+def damaged_dtype_batch():
+    """A batch whose uint8 dtype header has flags 3, as if it held Python objects: numpy 2.4
+    unpickles it into a SystemError."""
+    dtype = Reduced(np.dtype, ("u1", False, True), (3, "|", None, None, None, -1, -1, 3))
+    array = Reduced(np._core.multiarray._reconstruct, (np.ndarray, (0,), b"b"),
+                    (1, (4, 3072), dtype, False, bytes(4 * 3072)))
+    return {"data": array, "labels": [1, 2, 3, 4]}
+
+
+@pytest.mark.parametrize("batch, problem", [
+    (imagenet32_batch(shape=(1024,)), "'data' is uint8 of shape (4, 1024); expected N images of "
+                                      "3x32x32 pixels as integers 0..255 of shape (N, 3072)"),
+    (dict(imagenet32_batch(), data=np.full((4, 3072), 0.5)), "'data' is float64 of shape"),
+    (dict(imagenet32_batch(), data=np.full((4, 3072), 256)), "'data' is int64 of shape"),
+    (imagenet32_batch(labels=[1, 2, 3]), "'labels' is int64 of shape (3,); expected 4 integers"),
+    (imagenet32_batch(labels=["a", "b", "c", "d"]), "'labels' is <U1 of shape (4,)"),
+    (imagenet32_batch(labels=[0, 1, 2, 3]), "labels range over [0, 3]; expected [1, 1000]"),
+    (imagenet32_batch(labels=[1, 2, 3, 1001]), "labels range over [1, 1001]; expected [1, 1000]"),
+    ({"labels": [1, 2, 3, 4]}, "not a readable ImageNet32 batch (KeyError: 'data')"),
+    ([1, 2], "not a readable ImageNet32 batch (TypeError: "),
+    (damaged_dtype_batch(), "(UnpicklingError: damaged header of dtype u1)"),
+])
+def test_imagenet32_malformed_batch_names_file(batch, problem, tmp_path):
+    folder = imagenet32_folder(tmp_path, {"train_data_batch_3": pickle.dumps(batch, protocol=2)})
+    message = load_error("imagenet32", folder)
+    assert message.startswith(f"{folder / 'train_data_batch_3'}: ")
+    assert problem in message
+
+
+def test_imagenet32_foreign_pickle_not_run(tmp_path):
+    marker = tmp_path / "created-by-pickle"
+    batch = {"data": Reduced(os.mkdir, (str(marker),)), "labels": []}
+    folder = imagenet32_folder(tmp_path, {"val_data": pickle.dumps(batch, protocol=2)})
+    message = load_error("imagenet32", folder)
+    assert message.startswith(f"{folder / 'val_data'}: not a readable ImageNet32 batch ")
+    assert "the pickle refers to posix.mkdir, which no ImageNet32 batch does" in message
+    assert not marker.exists()
+
+
+VALID_BATCH = pickle.dumps(imagenet32_batch(), protocol=2)
+
+
+def load_batch_bytes(content, tmp_path_factory):
+    """Load one batch from bytes: (images, labels), or the DataError it raises."""
+    path = tmp_path_factory.mktemp("batch") / "val_data"
+    path.write_bytes(content)
+    try:
+        return fg.load_imagenet32_file(str(path))
+    except fg.DataError as error:
+        return error
+
+
+@given(length=st.integers(0, len(VALID_BATCH) - 1))
+@example(length=len(VALID_BATCH) - 1)
+def test_imagenet32_truncated_pickle_raises_data_error(length, tmp_path_factory):
+    result = load_batch_bytes(VALID_BATCH[:length], tmp_path_factory)
+    assert isinstance(result, fg.DataError)
+
+
+def header_damage():
+    """A position in the first 400 bytes, where the dict, dtype and shape of a batch lie, and
+    a byte to write there."""
+    return st.tuples(st.integers(0, 399), st.integers(0, 255))
+
+
+@given(damage=st.lists(header_damage(), min_size=1, max_size=4))
+def test_imagenet32_damaged_header_loads_or_raises_data_error(damage, tmp_path_factory):
+    content = bytearray(VALID_BATCH)
+    for position, value in damage:
+        content[position] = value
+    result = load_batch_bytes(bytes(content), tmp_path_factory)
+    if not isinstance(result, fg.DataError):
+        images, labels = result
+        assert images.shape[1:] == (3, 32, 32)
+        assert len(labels) == len(images)
+        assert 0 <= labels.min() <= labels.max() <= 999
