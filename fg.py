@@ -999,20 +999,44 @@ def evaluate(model, data, device, batch_size=500):
     return (100 * correct / max(1, len(data.test_x))).tolist()
 
 
+class WriteError(Exception):
+    """A results or checkpoint file cannot be written."""
+
+
 def atomic_write(path, write):
-    """Write a file through a temporary file and a rename, so a crash never leaves half of it."""
+    """Write a file through a temporary file and a rename, so a crash never leaves half of it;
+    raises WriteError, and then the previous version of the file is unchanged."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    except OSError as e:
+        raise WriteError(f"{path}: cannot create a file in {folder} ({e.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates the file readable by its owner alone; give it the usual mode
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(f"{path}: cannot write the file ({e.strerror or e}); its previous "
+                             "version, if any, is unchanged") from None
         raise
+    # The rename survives a power loss only once the folder itself is synced; some file systems
+    # cannot sync a folder, and there the rename is still atomic.
+    with contextlib.suppress(OSError):
+        folder_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(folder_fd)
+        finally:
+            os.close(folder_fd)
 
 
 def checkpoint_path(cfg):
@@ -1178,8 +1202,12 @@ class Run:
         if cfg.resume and self.checkpoint and os.path.exists(self.checkpoint):
             self.load_checkpoint()
             print(f"resumed from {self.checkpoint} at epoch {self.epoch + 1}, step {self.step + 1}")
-        elif cfg.resume:
-            print(f"no checkpoint at {self.checkpoint}: starting from scratch")
+        else:
+            if cfg.resume:
+                print(f"no checkpoint at {self.checkpoint}: starting from scratch")
+            # a path that cannot be written fails now, not after the first epoch
+            self.save_checkpoint()
+        self.write_results()
         handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.epoch < cfg.epochs:
@@ -1242,7 +1270,7 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except DataError as e:
+    except (DataError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
 

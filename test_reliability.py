@@ -11,8 +11,12 @@ import gzip
 import io
 import math
 import os
+import json
 import pickle
+import signal
 import socket
+import subprocess
+import sys
 import urllib.error
 
 import numpy as np
@@ -23,6 +27,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import fg
+
+# fg.py silences this warning at import, but pytest restores the warning filters for each test.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")
 
 # -------------------------------------------------------------------------------------------------
 # Helpers
@@ -490,3 +497,55 @@ def test_imagenet32_damaged_header_loads_or_raises_data_error(damage, tmp_path_f
         assert images.shape[1:] == (3, 32, 32)
         assert len(labels) == len(images)
         assert 0 <= labels.min() <= labels.max() <= 999
+
+
+# -------------------------------------------------------------------------------------------------
+# Interruption, checkpoints and determinism
+
+
+def test_main_unwritable_out_fails_before_training(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    out = blocker / "results.json"
+    status = fg.main(small_run("--epochs", "1", "--checkpoint", "none", "--out", str(out)))
+    captured = capsys.readouterr()
+    assert status == 1
+    assert captured.err.startswith(f"error: {out}: cannot create a file in {blocker} (")
+    assert "epoch " not in captured.out
+
+
+def test_atomic_write_failure_keeps_previous_file(tmp_path):
+    path = tmp_path / "results.json"
+    path.write_text("previous")
+
+    def write_half_then_fail(f):
+        f.write(b"{half")
+        raise OSError(28, "No space left on device")
+    with pytest.raises(fg.WriteError) as error:
+        fg.atomic_write(str(path), write_half_then_fail)
+    assert str(error.value) == (f"{path}: cannot write the file (No space left on device); its "
+                                "previous version, if any, is unchanged")
+    assert path.read_text() == "previous"
+    assert os.listdir(tmp_path) == ["results.json"]
+
+
+def test_atomic_write_interrupt_keeps_previous_file(tmp_path):
+    path = tmp_path / "run.pt"
+    path.write_text("previous")
+
+    def write_half_then_interrupt(f):
+        f.write(b"half")
+        raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        fg.atomic_write(str(path), write_half_then_interrupt)
+    assert path.read_text() == "previous"
+    assert os.listdir(tmp_path) == ["run.pt"]
+
+
+def test_atomic_write_new_file_has_umask_mode(tmp_path):
+    path = tmp_path / "results.json"
+    fg.atomic_write(str(path), lambda f: f.write(b"{}"))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.read_bytes() == b"{}"
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask
