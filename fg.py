@@ -1059,6 +1059,31 @@ def resolve_device(name):
     return torch.device(name)
 
 
+@torch.no_grad()
+def find_non_finite(model, x):
+    """Name the first block whose weights or whose output for input x hold NaN or infinity."""
+    with frozen_bn_stats(model):
+        for j, block in enumerate(model.blocks):
+            if not all(torch.isfinite(p).all() for p in block.parameters()):
+                return f"the weights of block {j}"
+            x = block(x)
+            if not torch.isfinite(x).all():
+                return f"the output of block {j}"
+    return None
+
+
+def non_finite_weights(model):
+    """Name the first block or auxiliary net with a NaN or infinite weight, or return None."""
+    params = list(model.parameters())
+    if torch.stack([torch.isfinite(p).all() for p in params]).all():
+        return None
+    for name, group in [(f"block {j}", b) for j, b in enumerate(model.blocks)] + [
+            (f"auxiliary net {j}", a) for j, a in enumerate(model.aux)]:
+        if not all(torch.isfinite(p).all() for p in group.parameters()):
+            return name
+    return None
+
+
 def describe_hardware(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -1085,8 +1110,9 @@ class Run:
                                          weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, cfg.lr_decay)
         self.epoch, self.step, self.totals = 0, 0, self.new_totals()
-        self.history, self.alignment, self.status = [], [], "running"
+        self.history, self.alignment, self.status, self.error = [], [], "running", None
         self.checkpoint = checkpoint_path(cfg)
+        self.saved_position = None  # (epoch, step) that the checkpoint file holds
         self.stop_signal = None
 
     @staticmethod
@@ -1103,6 +1129,15 @@ class Run:
     def save_checkpoint(self):
         if self.checkpoint:
             atomic_write(self.checkpoint, lambda f: torch.save(self.state(), f))
+            self.saved_position = self.epoch, self.step
+
+    def position(self, epoch=None, step=None):
+        """Describe a point of training in words, by default the current one."""
+        epoch = self.epoch if epoch is None else epoch
+        step = self.step if step is None else step
+        if step:
+            return f"after step {step} of epoch {epoch + 1}"
+        return f"at the end of epoch {epoch}" if epoch else "before the first step"
 
     def load_checkpoint(self):
         try:
@@ -1121,6 +1156,7 @@ class Run:
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.totals = state["epoch"], state["step"], state["totals"]
+        self.saved_position = self.epoch, self.step
         self.history, self.alignment = state["history"], state["alignment"]
         torch.set_rng_state(state["rng"].cpu())
         if state["cuda_rng"] and torch.cuda.is_available():
@@ -1129,7 +1165,7 @@ class Run:
     def results(self):
         final = self.history[-1]["test_accuracy"] if self.history else None
         return {"config": dataclasses.asdict(self.cfg), "status": self.status,
-                "final_test_accuracy": final, "epochs": self.history,
+                "error": self.error, "final_test_accuracy": final, "epochs": self.history,
                 "alignment": self.alignment, "aux_flop_shares": self.flop_shares,
                 "versions": {"python": platform.python_version(), "torch": torch.__version__,
                              "torchvision": torchvision.__version__},
@@ -1147,6 +1183,25 @@ class Run:
         self.stop_signal = signum
         print(f"received {signal.Signals(signum).name}: stopping after this step", flush=True)
 
+    def train_batch(self, x, y, measure):
+        """Take one SGD step on a batch; raises NonFiniteError naming the block at fault."""
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            result = train_step(self.model, x, y, self.cfg, measure)
+        except NonFiniteError as e:
+            where = find_non_finite(self.model, x) if str(e).startswith("non-finite loss") else None
+            raise NonFiniteError(f"{e} at epoch {self.epoch + 1}, step {self.step + 1}"
+                                 + (f", first in {where}" if where else "")) from None
+        if self.cfg.max_grad_norm:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        # finite updates can still overflow the weights, for example with a huge learning rate
+        where = non_finite_weights(self.model)
+        if where:
+            raise NonFiniteError(f"non-finite weights in {where} after the update at epoch "
+                                 f"{self.epoch + 1}, step {self.step + 1}")
+        return result
+
     def train_epoch(self):
         cfg, data = self.cfg, self.data
         order = epoch_order(len(data.train_x), cfg.seed, self.epoch)
@@ -1157,16 +1212,9 @@ class Run:
             idx = order[self.step * cfg.batch_size:(self.step + 1) * cfg.batch_size]
             x, y = prepare_batch(data, data.train_x[idx], data.train_y[idx], self.device,
                                  data.augment)
-            self.optimizer.zero_grad(set_to_none=True)
             global_step = self.epoch * steps + self.step
             measure = cfg.log_alignment > 0 and global_step % cfg.log_alignment == 0
-            try:
-                result = train_step(self.model, x, y, cfg, measure)
-            except NonFiniteError as e:
-                raise NonFiniteError(f"{e} at epoch {self.epoch + 1}, step {self.step + 1}")
-            if cfg.max_grad_norm:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
+            result = self.train_batch(x, y, measure)
             for j, (cosine, ratio) in enumerate(result.alignment):
                 self.alignment.append({"step": global_step, "epoch": self.epoch + 1, "block": j,
                                        "cosine": cosine, "norm_ratio": ratio})
@@ -1219,11 +1267,7 @@ class Run:
                 self.save_checkpoint()
                 self.write_results()
         except NonFiniteError as e:
-            self.status = "diverged"
-            self.write_results()
-            kept = f"; the last good checkpoint is {self.checkpoint}" if self.checkpoint else ""
-            print(f"error: {e}{kept}", file=sys.stderr)
-            return 1
+            return self.stop_diverged(e)
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
@@ -1239,6 +1283,17 @@ class Run:
         if self.history:
             print(f"final test accuracy: {self.history[-1]['test_accuracy']:.2f}%")
         return 0
+
+    def stop_diverged(self, error):
+        self.status, self.error = "diverged", str(error)
+        self.write_results()
+        kept = ""
+        if self.saved_position:
+            kept = (f"; {self.checkpoint} keeps the last good state, "
+                    f"{self.position(*self.saved_position)}")
+        print(f"error: {error}{kept}; lower --lr or set --max-grad-norm and start a new run",
+              file=sys.stderr)
+        return 1
 
 
 # -------------------------------------------------------------------------------------------------

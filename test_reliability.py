@@ -500,6 +500,165 @@ def test_imagenet32_damaged_header_loads_or_raises_data_error(damage, tmp_path_f
 
 
 # -------------------------------------------------------------------------------------------------
+# Numerical faults
+
+EPS = torch.finfo(torch.float32).eps
+
+
+def test_project_zero_guess_gets_zero_coefficient():
+    G = torch.randn(5, 3, 4, dtype=torch.float64)  # (B, *parameter shape)
+    G[1] = 0
+    G[3] = 0
+    # A jvp through train-mode BatchNorm can give a nonzero dot for a zero guess.
+    dots = torch.randn(5, dtype=torch.float64)
+    update, zeros = fg.project(None, {"weight": G}, {"weight": dots})
+    kept = [0, 2, 4]
+    expected = sum(dots[i] / G[i].pow(2).sum() * G[i] for i in kept)
+    assert zeros == 2
+    assert torch.isfinite(update["weight"]).all()
+    torch.testing.assert_close(update["weight"], expected, rtol=0, atol=1e-12)
+
+
+def test_train_step_dead_relu_block_gives_zero_guesses():
+    torch.manual_seed(0)
+    cfg = fg.parse_args(["--blocks", "16", "--width", "4", "--space", "weight",
+                         "--checkpoint", "none"])
+    model = fg.BlockwiseResNet(16, 4, 3, 10, "cnn")
+    dead = 5
+    bn = model.blocks[dead][1]  # conv, BatchNorm, ReLU
+    with torch.no_grad():
+        bn.weight.zero_()
+        bn.bias.fill_(-1)
+    B, J = 8, 16
+    x, y = torch.randn(B, 3, 32, 32), torch.arange(B) % 10
+    result = fg.train_step(model, x, y, cfg)
+    # Block 5 outputs exact zeros. So does every later block at initialization, because
+    # BatchNorm turns a zero input into its bias, 0, and ReLU passes no gradient at 0. Each of
+    # these blocks has 3 parameter tensors (conv, BatchNorm weight and bias), each of B zero
+    # guesses; the last block is trained exactly and has no guess.
+    assert result.zero_guesses == 3 * B * (J - 1 - dead)
+    assert math.isfinite(result.loss)
+    for p in model.parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all()
+    for p in model.blocks[dead].parameters():
+        assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+def silence_aux_nets(model):
+    """Multiply each auxiliary net's logits by 0, so that its gradient vanishes exactly."""
+    for aux in model.aux:
+        aux.register_forward_hook(lambda module, inputs, output: output * 0)
+
+
+def test_run_vanishing_aux_gradient_counts_zero_guesses(tmp_path, capsys):
+    argv = small_run("--epochs", "1", "--weight-decay", "0", "--checkpoint", "none")
+    run = fg.Run(fg.parse_args(argv))
+    silence_aux_nets(run.model)
+    before = {k: v.clone() for k, v in run.model.state_dict().items()}
+    assert run.train() == 0
+    stdout = capsys.readouterr().out
+    J = len(run.model.blocks)
+    # every one of the 128 examples has a zero guess in each of the J - 1 estimated blocks
+    assert f"| zero guesses {128 * (J - 1)}\n" in stdout
+    assert run.history[0]["zero_guesses"] == 128 * (J - 1)
+    assert math.isfinite(run.history[0]["train_loss"])
+    for name, value in run.model.state_dict().items():
+        assert torch.isfinite(value.float()).all(), name
+        if name.startswith("blocks.") and not name.startswith(f"blocks.{J - 1}."):
+            if "running" not in name and "num_batches" not in name:
+                assert torch.equal(value, before[name]), name
+
+
+def poison_block_at_step(monkeypatch, block, step):
+    """Make train_step's update of `block` NaN at its `step`-th call (1-based)."""
+    real_train_step, calls = fg.train_step, []
+
+    def poisoned(model, x, y, cfg, measure=False):
+        calls.append(1)
+        if len(calls) != step:
+            return real_train_step(model, x, y, cfg, measure)
+
+        def make_gradient_nan(module, inputs, output):
+            if output.requires_grad:
+                output.register_hook(lambda grad: grad * math.nan)
+        handle = model.blocks[block].register_forward_hook(make_gradient_nan)
+        try:
+            return real_train_step(model, x, y, cfg, measure)
+        finally:
+            handle.remove()
+    monkeypatch.setattr(fg, "train_step", poisoned)
+
+
+def test_run_non_finite_update_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+    checkpoint, out = tmp_path / "run.pt", tmp_path / "results.json"
+    argv = small_run("--checkpoint", str(checkpoint), "--out", str(out))
+    assert fg.main(argv + ["--epochs", "1"]) == 0
+    after_epoch_1 = checkpoint.read_bytes()
+    poison_block_at_step(monkeypatch, block=3, step=2)
+    status = fg.main(argv + ["--epochs", "2", "--resume"])
+    stderr = capsys.readouterr().err
+    message = "non-finite update in block 3 at epoch 2, step 2"
+    assert status == 1
+    assert stderr == (f"error: {message}; {checkpoint} keeps the last good state, at the end of "
+                      "epoch 1; lower --lr or set --max-grad-norm and start a new run\n")
+    assert checkpoint.read_bytes() == after_epoch_1
+    results = json.loads(out.read_text())
+    assert results["status"] == "diverged"
+    assert results["error"] == message
+    assert len(results["epochs"]) == 1
+
+
+def test_run_non_finite_loss_names_block(capsys):
+    status = fg.main(small_run("--epochs", "1", "--lr", "1e30", "--checkpoint", "none"))
+    stderr = capsys.readouterr().err
+    assert status == 1
+    assert stderr.startswith("error: non-finite loss nan at epoch 1, step 2, first in the output "
+                             "of block 0; lower --lr")
+
+
+def test_run_weight_overflow_names_net(capsys):
+    status = fg.main(small_run("--epochs", "1", "--lr", "3e38", "--momentum", "0",
+                               "--checkpoint", "none"))
+    stderr = capsys.readouterr().err
+    assert status == 1
+    assert stderr.startswith("error: non-finite weights in ")
+    assert "after the update at epoch 1, step 1; lower --lr" in stderr
+
+
+def first_batch(run):
+    data = run.data
+    order = fg.epoch_order(len(data.train_x), run.cfg.seed, 0)[:run.cfg.batch_size]
+    return fg.prepare_batch(data, data.train_x[order], data.train_y[order], run.device, False)
+
+
+def update_norms(max_grad_norm):
+    """Return (norm of the gradients SGD applies, norm of the weight change) for one step at
+    learning rate 1 without momentum or weight decay, and the norm of the weights before it."""
+    run = fg.Run(fg.parse_args(small_run(
+        "--lr", "1", "--momentum", "0", "--weight-decay", "0", "--checkpoint", "none",
+        "--max-grad-norm", str(max_grad_norm))))
+    before = [p.detach().double().clone() for p in run.model.parameters()]
+    run.train_batch(*first_batch(run), False)
+    params = list(run.model.parameters())
+    grad_norm = torch.cat([p.grad.double().flatten() for p in params if p.grad is not None]).norm()
+    change = torch.cat([(p.double() - b).flatten() for p, b in zip(params, before)]).norm()
+    weight_norm = torch.cat([b.flatten() for b in before]).norm()
+    return grad_norm.item(), change.item(), weight_norm.item()
+
+
+def test_max_grad_norm_bounds_applied_update():
+    max_norm = 0.01
+    unclipped, _, _ = update_norms(0)
+    grad_norm, change, weight_norm = update_norms(max_norm)
+    assert unclipped > 10 * max_norm
+    # clip_grad_norm_ scales by max_norm / (norm + 1e-6), rounded to float32
+    assert grad_norm <= max_norm * (1 + 4 * EPS)
+    assert grad_norm >= max_norm * unclipped / (unclipped + 1e-6) * (1 - 4 * EPS)
+    # w - g is rounded to float32, an error of at most EPS / 2 of each weight
+    assert abs(change - grad_norm) <= EPS * weight_norm
+
+
+# -------------------------------------------------------------------------------------------------
 # Interruption, checkpoints and determinism
 
 
