@@ -120,6 +120,8 @@ class Config:
     log_alignment: int = field(default=0, metadata={
         "help": "every N steps, record per block the cosine and norm ratio between the update "
                 "and the true end-to-end gradient (0: off)"})
+    log_steps: int = field(default=0, metadata={
+        "help": "also print the running train loss every N steps (0: once per epoch)"})
     benchmark: bool = field(default=False, metadata={
         "help": "time every estimator on the same batches and print a table, then exit"})
     benchmark_steps: int = field(default=5, metadata={"help": "timed steps per configuration"})
@@ -160,6 +162,7 @@ def number_problem(cfg):
         # epoch_order seeds a generator with seed * 100003 + epoch, which must stay below 2**64
         ("--seed", cfg.seed, 0 <= cfg.seed < 2**32, "an integer in [0, 4294967295]"),
         ("--log-alignment", cfg.log_alignment, cfg.log_alignment >= 0, "an integer >= 0"),
+        ("--log-steps", cfg.log_steps, cfg.log_steps >= 0, "an integer >= 0"),
         ("--benchmark-steps", cfg.benchmark_steps, cfg.benchmark_steps >= 1, "an integer >= 1"),
     ]
     for flag, value, ok, valid in checks:
@@ -1050,7 +1053,8 @@ def checkpoint_path(cfg):
 
 
 # settings that may differ between a checkpoint and the run that resumes it
-RESUMABLE_CHANGES = {"epochs", "out", "checkpoint", "resume", "device", "log_alignment"}
+RESUMABLE_CHANGES = {"epochs", "out", "checkpoint", "resume", "device", "log_alignment",
+                     "log_steps"}
 
 
 def resolve_device(name):
@@ -1140,11 +1144,16 @@ class Run:
         return f"at the end of epoch {epoch}" if epoch else "before the first step"
 
     def load_checkpoint(self):
+        # weights_only: a checkpoint holds tensors and plain values, so loading it runs no code
         try:
-            state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
+            state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+            missing = {"model", "optimizer", "config", "epoch", "step", "rng"} - set(state)
         except Exception as e:  # any unreadable checkpoint gets the same advice
             raise DataError(f"{self.checkpoint}: cannot load the checkpoint "
                             f"({type(e).__name__}: {e}); delete it to start from scratch") from None
+        if missing:
+            raise DataError(f"{self.checkpoint}: not a checkpoint of fg.py, it lacks "
+                            f"{', '.join(sorted(missing))}; choose another --checkpoint")
         saved, now = state["config"], dataclasses.asdict(self.cfg)
         changed = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
         if changed:
@@ -1152,8 +1161,12 @@ class Run:
                               for k in changed)
             raise UsageError(f"{self.checkpoint} was written with {diffs}; resume with the same "
                              "settings or choose another --checkpoint")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise DataError(f"{self.checkpoint}: the saved weights do not fit the model ({e}); "
+                            "choose another --checkpoint") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.totals = state["epoch"], state["step"], state["totals"]
         self.saved_position = self.epoch, self.step
@@ -1225,6 +1238,10 @@ class Run:
             t["zero_guesses"] += result.zero_guesses
             t["seconds"] += time.perf_counter() - start
             self.step += 1
+            if cfg.log_steps and self.step % cfg.log_steps == 0:
+                print(f"epoch {self.epoch + 1} step {self.step}/{steps} | train loss "
+                      f"{t['loss'] / t['seen']:.4f} | {t['seen'] / t['seconds']:.0f} img/s | "
+                      f"zero guesses {t['zero_guesses']}", flush=True)
         return self.step == steps
 
     def log_epoch(self, test):
@@ -1246,10 +1263,12 @@ class Run:
             raise AssertionError("one accuracy per block expected")
 
     def train(self):
+        """Train to cfg.epochs and return the exit status: 0 when complete, 1 when diverged,
+        128 + the signal number when stopped by SIGINT or SIGTERM."""
         cfg = self.cfg
         if cfg.resume and self.checkpoint and os.path.exists(self.checkpoint):
             self.load_checkpoint()
-            print(f"resumed from {self.checkpoint} at epoch {self.epoch + 1}, step {self.step + 1}")
+            print(f"resumed from {self.checkpoint} {self.position()}")
         else:
             if cfg.resume:
                 print(f"no checkpoint at {self.checkpoint}: starting from scratch")
@@ -1258,9 +1277,7 @@ class Run:
         self.write_results()
         handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while self.epoch < cfg.epochs:
-                if not self.train_epoch():
-                    break
+            while self.epoch < cfg.epochs and self.train_epoch():
                 self.log_epoch(evaluate(self.model, self.data, self.device))
                 self.scheduler.step()
                 self.epoch, self.step, self.totals = self.epoch + 1, 0, self.new_totals()
@@ -1271,13 +1288,8 @@ class Run:
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
-        if self.stop_signal is not None:
-            self.status = "interrupted"
-            self.save_checkpoint()
-            self.write_results()
-            where = f"; resume with --resume --checkpoint {self.checkpoint}" if self.checkpoint else ""
-            print(f"interrupted at epoch {self.epoch + 1}, step {self.step}{where}", flush=True)
-            return 128 + self.stop_signal
+        if self.epoch < cfg.epochs:
+            return self.stop_interrupted()
         self.status = "complete"
         self.write_results()
         if self.history:
@@ -1294,6 +1306,14 @@ class Run:
         print(f"error: {error}{kept}; lower --lr or set --max-grad-norm and start a new run",
               file=sys.stderr)
         return 1
+
+    def stop_interrupted(self):
+        self.status = "interrupted"
+        self.save_checkpoint()
+        self.write_results()
+        where = f"; resume with --resume --checkpoint {self.checkpoint}" if self.checkpoint else ""
+        print(f"interrupted {self.position()}{where}", flush=True)
+        return 128 + self.stop_signal
 
 
 # -------------------------------------------------------------------------------------------------
@@ -1316,6 +1336,7 @@ def print_header(run):
 
 def main(argv=None):
     cfg = parse_args(argv)
+    run = None
     try:
         run = Run(cfg)
         print_header(run)
@@ -1328,6 +1349,14 @@ def main(argv=None):
     except (DataError, WriteError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # a second SIGINT or SIGTERM during training, or the first one before it starts
+        signum = (run and run.stop_signal) or signal.SIGINT
+        kept = ""
+        if run and run.saved_position:
+            kept = f"; {run.checkpoint} holds the state {run.position(*run.saved_position)}"
+        print(f"error: stopped at once by {signal.Signals(signum).name}{kept}", file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":

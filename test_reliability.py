@@ -661,6 +661,170 @@ def test_max_grad_norm_bounds_applied_update():
 # -------------------------------------------------------------------------------------------------
 # Interruption, checkpoints and determinism
 
+def stop_after_steps(run, steps, signum=signal.SIGTERM):
+    """Deliver `signum` to run's handler right after its `steps`-th training step."""
+    real_train_batch, calls = run.train_batch, []
+
+    def counted(*args):
+        result = real_train_batch(*args)
+        calls.append(1)
+        if len(calls) == steps:
+            run.request_stop(signum, None)
+        return result
+    run.train_batch = counted
+
+
+def load_checkpoint_file(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_training_state(a, b):
+    """Assert bitwise equal weights, buffers and momentum, and the same epoch history."""
+    assert a["model"].keys() == b["model"].keys()
+    for name in a["model"]:
+        assert torch.equal(a["model"][name], b["model"][name]), name
+    momentum_a = [s.get("momentum_buffer") for s in a["optimizer"]["state"].values()]
+    momentum_b = [s.get("momentum_buffer") for s in b["optimizer"]["state"].values()]
+    assert len(momentum_a) == len(momentum_b)
+    for m_a, m_b in zip(momentum_a, momentum_b):
+        assert torch.equal(m_a, m_b)
+    timing = {"seconds", "images_per_second"}
+    strip = [[{k: v for k, v in e.items() if k not in timing} for e in c["history"]] for c in (a, b)]
+    assert strip[0] == strip[1]
+    assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
+
+
+RESUME_CASES = [
+    # (estimator settings, training steps before the stop; 4 steps per epoch)
+    (["--augment", "on"], 3),
+    (["--guess", "random", "--space", "weight", "--noise", "rademacher"], 6),
+]
+
+
+@pytest.mark.parametrize("estimator, stop_step", RESUME_CASES)
+def test_run_resume_after_stop_equals_uninterrupted(estimator, stop_step, tmp_path, capsys):
+    whole, parts = tmp_path / "whole.pt", tmp_path / "parts.pt"
+    argv = small_run("--epochs", "2", *estimator)
+    assert fg.Run(fg.parse_args(argv + ["--checkpoint", str(whole)])).train() == 0
+
+    run = fg.Run(fg.parse_args(argv + ["--checkpoint", str(parts)]))
+    stop_after_steps(run, stop_step)
+    assert run.train() == 128 + signal.SIGTERM
+    stopped = load_checkpoint_file(parts)
+    assert (stopped["epoch"], stopped["step"]) == divmod(stop_step, 4)
+    assert fg.Run(fg.parse_args(argv + ["--checkpoint", str(parts), "--resume"])).train() == 0
+    stdout = capsys.readouterr().out
+    epoch, step = divmod(stop_step, 4)
+    assert f"interrupted after step {step} of epoch {epoch + 1}; resume with --resume" in stdout
+    assert f"resumed from {parts} after step {step} of epoch {epoch + 1}" in stdout
+    assert_same_training_state(load_checkpoint_file(parts), load_checkpoint_file(whole))
+
+
+def test_run_same_seed_same_weights(tmp_path):
+    states = []
+    for name, seed in (("a", "0"), ("b", "0"), ("c", "1")):
+        path = tmp_path / f"{name}.pt"
+        argv = small_run("--epochs", "1", "--augment", "on", "--seed", seed,
+                         "--checkpoint", str(path))
+        assert fg.Run(fg.parse_args(argv)).train() == 0
+        states.append(load_checkpoint_file(path))
+    assert_same_training_state(states[0], states[1])
+    assert not torch.equal(states[0]["model"]["blocks.0.0.0.weight"],
+                           states[2]["model"]["blocks.0.0.0.weight"])
+
+
+def run_fg(argv, cwd, **popen):
+    """Start fg.py on one CPU thread in a subprocess with its output in a pipe."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fg.py")
+    return subprocess.Popen([sys.executable, script, *argv], cwd=cwd, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, **popen)
+
+
+def test_cli_sigterm_then_resume_equals_uninterrupted(tmp_path):
+    # 8 steps per epoch, so that the stop falls inside the first epoch
+    argv = small_run("--epochs", "2", "--log-steps", "1", "--augment", "on", subset=256)
+    whole = run_fg(argv + ["--checkpoint", "whole.pt", "--out", "whole.json"], tmp_path)
+
+    parts = run_fg(argv + ["--checkpoint", "parts.pt", "--out", "parts.json"], tmp_path)
+    lines = []
+    for line in parts.stdout:
+        lines.append(line)
+        if line.startswith("epoch 1 step 2/8 "):
+            parts.send_signal(signal.SIGTERM)
+            break
+    output = "".join(lines) + parts.communicate(timeout=240)[0]
+    assert parts.returncode == 128 + signal.SIGTERM, output
+    assert "received SIGTERM: stopping after this step" in output
+    stopped = load_checkpoint_file(tmp_path / "parts.pt")
+    assert stopped["epoch"] == 0
+    assert 2 <= stopped["step"] < 8
+    assert (f"interrupted after step {stopped['step']} of epoch 1; resume with --resume "
+            "--checkpoint parts.pt") in output
+    results = json.loads((tmp_path / "parts.json").read_text())
+    assert results["status"] == "interrupted"
+
+    resumed = run_fg(argv + ["--checkpoint", "parts.pt", "--out", "parts.json", "--resume"],
+                     tmp_path)
+    output = resumed.communicate(timeout=240)[0]
+    assert resumed.returncode == 0, output
+    assert whole.communicate(timeout=240)[0]
+    assert whole.returncode == 0
+    assert_same_training_state(load_checkpoint_file(tmp_path / "parts.pt"),
+                               load_checkpoint_file(tmp_path / "whole.pt"))
+    assert json.loads((tmp_path / "parts.json").read_text())["status"] == "complete"
+    assert sorted(os.listdir(tmp_path)) == ["parts.json", "parts.pt", "whole.json", "whole.pt"]
+
+
+def test_main_second_signal_stops_at_once(tmp_path, monkeypatch, capsys):
+    checkpoint = tmp_path / "run.pt"
+    argv = small_run("--epochs", "2", "--checkpoint", str(checkpoint))
+    real_train_step, calls = fg.train_step, []
+
+    def interrupted_twice(*args):
+        calls.append(1)
+        if len(calls) == 5:  # the first step of epoch 2
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_train_step(*args)
+    monkeypatch.setattr(fg, "train_step", interrupted_twice)
+    status = fg.main(argv)
+    stderr = capsys.readouterr().err
+    assert status == 128 + signal.SIGINT
+    assert stderr == (f"error: stopped at once by SIGINT; {checkpoint} holds the state at the "
+                      "end of epoch 1\n")
+    saved = load_checkpoint_file(checkpoint)
+    assert (saved["epoch"], saved["step"]) == (1, 0)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_main_resume_rejects_changed_settings(tmp_path, capsys):
+    checkpoint = tmp_path / "run.pt"
+    assert fg.main(small_run("--epochs", "0", "--checkpoint", str(checkpoint))) == 0
+    status = fg.main(small_run("--epochs", "1", "--lr", "0.1", "--resume",
+                               "--checkpoint", str(checkpoint)))
+    stderr = capsys.readouterr().err
+    assert status == 2
+    assert stderr == (f"error: {checkpoint} was written with --lr 0.05 (now 0.1); resume with "
+                      "the same settings or choose another --checkpoint\n")
+
+
+@pytest.mark.parametrize("content, problem", [
+    ({"weights": torch.zeros(3)}, "not a checkpoint of fg.py, it lacks config, epoch, model, "
+                                  "optimizer, rng, step; choose another --checkpoint"),
+    (b"PK\x03\x04 cut off", "cannot load the checkpoint ("),
+])
+def test_main_resume_rejects_unreadable_checkpoint(content, problem, tmp_path, capsys):
+    checkpoint = tmp_path / "run.pt"
+    if isinstance(content, bytes):
+        checkpoint.write_bytes(content)
+    else:
+        torch.save(content, checkpoint)
+    status = fg.main(small_run("--epochs", "1", "--resume", "--checkpoint", str(checkpoint)))
+    stderr = capsys.readouterr().err
+    assert status == 1
+    assert stderr.startswith(f"error: {checkpoint}: {problem}")
+
 
 def test_main_unwritable_out_fails_before_training(tmp_path, capsys):
     blocker = tmp_path / "file"
