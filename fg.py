@@ -271,7 +271,7 @@ def find_idx(folder, stem):
 
 
 def load_fashion_mnist(folder):
-    """Read the four idx files from folder or its FashionMNIST/raw; nothing is downloaded, so an
+    """Read the four idx files from folder or its FashionMNIST/raw. Nothing is downloaded, so an
     offline machine gets the list of files to copy instead of a network error."""
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -332,7 +332,7 @@ class PickledDtype:
 
 
 def pickled_array(raw, dtype, shape, order="C"):
-    """Build an array from the parts a pickle stores, after checking that they agree; the
+    """Build an array from the parts a pickle stores, after checking that they agree. The
     arguments are those of numpy's _frombuffer."""
     if not (isinstance(dtype, PickledDtype) and isinstance(shape, tuple)
             and all(isinstance(n, int) and n >= 0 for n in shape) and order in ("C", "F")):
@@ -1007,8 +1007,8 @@ class WriteError(Exception):
 
 
 def atomic_write(path, write):
-    """Write a file through a temporary file and a rename, so a crash never leaves half of it;
-    raises WriteError, and then the previous version of the file is unchanged."""
+    """Write a file through a temporary file and a rename, so a crash never leaves half of it.
+    Raises WriteError on failure, and the previous version of the file is then unchanged."""
     folder = os.path.dirname(os.path.abspath(path))
     try:
         os.makedirs(folder, exist_ok=True)
@@ -1020,7 +1020,7 @@ def atomic_write(path, write):
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        # mkstemp creates the file readable by its owner alone; give it the usual mode
+        # mkstemp creates the file readable by its owner alone, so give it the usual mode
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
@@ -1032,8 +1032,8 @@ def atomic_write(path, write):
             raise WriteError(f"{path}: cannot write the file ({e.strerror or e}); its previous "
                              "version, if any, is unchanged") from None
         raise
-    # The rename survives a power loss only once the folder itself is synced; some file systems
-    # cannot sync a folder, and there the rename is still atomic.
+    # The rename survives a power loss only once the folder itself is synced. Some file systems
+    # cannot sync a folder, but the rename is atomic there too.
     with contextlib.suppress(OSError):
         folder_fd = os.open(folder, os.O_RDONLY)
         try:
@@ -1065,7 +1065,8 @@ def resolve_device(name):
 
 @torch.no_grad()
 def find_non_finite(model, x):
-    """Name the first block whose weights or whose output for input x hold NaN or infinity."""
+    """Name the first block whose weights, or whose output for input x, contain NaN or
+    infinity, or return None."""
     with frozen_bn_stats(model):
         for j, block in enumerate(model.blocks):
             if not all(torch.isfinite(p).all() for p in block.parameters()):
@@ -1116,7 +1117,7 @@ class Run:
         self.epoch, self.step, self.totals = 0, 0, self.new_totals()
         self.history, self.alignment, self.status, self.error = [], [], "running", None
         self.checkpoint = checkpoint_path(cfg)
-        self.saved_position = None  # (epoch, step) that the checkpoint file holds
+        self.saved_position = None  # (epoch, step) that the checkpoint file contains
         self.stop_signal = None
 
     @staticmethod
@@ -1144,7 +1145,7 @@ class Run:
         return f"at the end of epoch {epoch}" if epoch else "before the first step"
 
     def load_checkpoint(self):
-        # weights_only: a checkpoint holds tensors and plain values, so loading it runs no code
+        # weights_only: a checkpoint contains tensors and plain values, so loading it runs no code
         try:
             state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
             missing = {"model", "optimizer", "config", "epoch", "step", "rng"} - set(state)
@@ -1154,6 +1155,7 @@ class Run:
         if missing:
             raise DataError(f"{self.checkpoint}: not a checkpoint of fg.py, it lacks "
                             f"{', '.join(sorted(missing))}; choose another --checkpoint")
+
         saved, now = state["config"], dataclasses.asdict(self.cfg)
         changed = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
         if changed:
@@ -1161,6 +1163,7 @@ class Run:
                               for k in changed)
             raise UsageError(f"{self.checkpoint} was written with {diffs}; resume with the same "
                              "settings or choose another --checkpoint")
+
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -1197,12 +1200,14 @@ class Run:
         print(f"received {signal.Signals(signum).name}: stopping after this step", flush=True)
 
     def train_batch(self, x, y, measure):
-        """Take one SGD step on a batch; raises NonFiniteError naming the block at fault."""
+        """Take one SGD step on a batch. Raises NonFiniteError naming the block at fault."""
         self.optimizer.zero_grad(set_to_none=True)
         try:
             result = train_step(self.model, x, y, self.cfg, measure)
         except NonFiniteError as e:
-            where = find_non_finite(self.model, x) if str(e).startswith("non-finite loss") else None
+            where = None
+            if str(e).startswith("non-finite loss"):
+                where = find_non_finite(self.model, x)
             raise NonFiniteError(f"{e} at epoch {self.epoch + 1}, step {self.step + 1}"
                                  + (f", first in {where}" if where else "")) from None
         if self.cfg.max_grad_norm:
@@ -1275,6 +1280,7 @@ class Run:
             # a path that cannot be written fails now, not after the first epoch
             self.save_checkpoint()
         self.write_results()
+
         handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.epoch < cfg.epochs and self.train_epoch():
@@ -1290,6 +1296,7 @@ class Run:
                 signal.signal(s, h)
         if self.epoch < cfg.epochs:
             return self.stop_interrupted()
+
         self.status = "complete"
         self.write_results()
         if self.history:

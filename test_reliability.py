@@ -122,7 +122,8 @@ def test_parse_args_rejects_cuda_without_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     status, stderr = parse_failure(["--checkpoint", "none", "--device", "cuda"])
     assert status == 2
-    assert "invalid value for --device: cuda; CUDA is not available here, use --device cpu" in stderr
+    assert ("invalid value for --device: cuda; CUDA is not available here, use --device cpu"
+            in stderr)
 
 
 def test_parse_args_rejects_missing_cuda_index(monkeypatch):
@@ -155,6 +156,14 @@ def test_parse_args_accepts_exactly_valid_integers(setting):
         status, stderr = parse_failure(argv)
         assert status == 2
         assert f"invalid value for {flag}: {value}; expected" in stderr
+
+
+def test_cli_help_lists_every_setting():
+    help_text = subprocess.run([sys.executable, "fg.py", "--help"], capture_output=True, text=True,
+                               cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert help_text.returncode == 0
+    for setting in fg.dataclasses.fields(fg.Config):
+        assert "--" + setting.name.replace("_", "-") in help_text.stdout
 
 
 def test_parse_args_rejects_data_dir_that_is_file(tmp_path):
@@ -247,7 +256,7 @@ def test_fashion_mnist_missing_folder_names_files(tmp_path, capsys):
     assert not folder.exists()
 
 
-def test_fashion_mnist_missing_files_named_without_download(tmp_path, monkeypatch):
+def test_fashion_mnist_missing_files_not_downloaded(tmp_path, monkeypatch):
     folder = tmp_path / "fashion-mnist"
     folder.mkdir()
     write_idx(folder / "train-labels-idx1-ubyte", np.zeros(3))
@@ -487,7 +496,7 @@ def header_damage():
 
 
 @given(damage=st.lists(header_damage(), min_size=1, max_size=4))
-def test_imagenet32_damaged_header_loads_or_raises_data_error(damage, tmp_path_factory):
+def test_imagenet32_damaged_header_never_crashes(damage, tmp_path_factory):
     content = bytearray(VALID_BATCH)
     for position, value in damage:
         content[position] = value
@@ -534,8 +543,8 @@ def test_train_step_dead_relu_block_gives_zero_guesses():
     result = fg.train_step(model, x, y, cfg)
     # Block 5 outputs exact zeros. So does every later block at initialization, because
     # BatchNorm turns a zero input into its bias, 0, and ReLU passes no gradient at 0. Each of
-    # these blocks has 3 parameter tensors (conv, BatchNorm weight and bias), each of B zero
-    # guesses; the last block is trained exactly and has no guess.
+    # these blocks has 3 parameter tensors (conv, BatchNorm weight and bias) with B zero
+    # guesses each. The last block is trained exactly and has no guess.
     assert result.zero_guesses == 3 * B * (J - 1 - dead)
     assert math.isfinite(result.loss)
     for p in model.parameters():
@@ -589,7 +598,7 @@ def poison_block_at_step(monkeypatch, block, step):
     monkeypatch.setattr(fg, "train_step", poisoned)
 
 
-def test_run_non_finite_update_keeps_last_good_checkpoint(tmp_path, monkeypatch, capsys):
+def test_run_non_finite_update_keeps_checkpoint(tmp_path, monkeypatch, capsys):
     checkpoint, out = tmp_path / "run.pt", tmp_path / "results.json"
     argv = small_run("--checkpoint", str(checkpoint), "--out", str(out))
     assert fg.main(argv + ["--epochs", "1"]) == 0
@@ -689,8 +698,10 @@ def assert_same_training_state(a, b):
     for m_a, m_b in zip(momentum_a, momentum_b):
         assert torch.equal(m_a, m_b)
     timing = {"seconds", "images_per_second"}
-    strip = [[{k: v for k, v in e.items() if k not in timing} for e in c["history"]] for c in (a, b)]
-    assert strip[0] == strip[1]
+    history_a, history_b = (
+        [{k: v for k, v in epoch.items() if k not in timing} for epoch in c["history"]]
+        for c in (a, b))
+    assert history_a == history_b
     assert (a["epoch"], a["step"]) == (b["epoch"], b["step"])
 
 
