@@ -23,6 +23,7 @@ import argparse
 import contextlib
 import dataclasses
 import gzip
+import io
 import json
 import math
 import os
@@ -1133,7 +1134,11 @@ class Run:
 
     def save_checkpoint(self):
         if self.checkpoint:
-            atomic_write(self.checkpoint, lambda f: torch.save(self.state(), f))
+            # torch.save turns a failed write, such as a full disk, into an unclear RuntimeError,
+            # so the checkpoint is serialized in memory and written as plain bytes
+            buffer = io.BytesIO()
+            torch.save(self.state(), buffer)
+            atomic_write(self.checkpoint, lambda f: f.write(buffer.getbuffer()))
             self.saved_position = self.epoch, self.step
 
     def position(self, epoch=None, step=None):
@@ -1341,6 +1346,13 @@ def print_header(run):
           f"engine {cfg.engine}", flush=True)
 
 
+def saved_state(run):
+    """Return a clause naming the checkpoint and the point of training it contains, or ""."""
+    if run is None or run.saved_position is None:
+        return ""
+    return f"; {run.checkpoint} contains the state {run.position(*run.saved_position)}"
+
+
 def main(argv=None):
     cfg = parse_args(argv)
     run = None
@@ -1353,16 +1365,18 @@ def main(argv=None):
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (DataError, WriteError) as e:
+    except DataError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except WriteError as e:
+        resume = "; resume with --resume once it can be written" if saved_state(run) else ""
+        print(f"error: {e}{saved_state(run)}{resume}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # a second SIGINT or SIGTERM during training, or the first one before it starts
         signum = (run and run.stop_signal) or signal.SIGINT
-        kept = ""
-        if run and run.saved_position:
-            kept = f"; {run.checkpoint} holds the state {run.position(*run.saved_position)}"
-        print(f"error: stopped at once by {signal.Signals(signum).name}{kept}", file=sys.stderr)
+        print(f"error: stopped at once by {signal.Signals(signum).name}{saved_state(run)}",
+              file=sys.stderr)
         return 128 + signum
 
 

@@ -802,8 +802,8 @@ def test_main_second_signal_stops_at_once(tmp_path, monkeypatch, capsys):
     status = fg.main(argv)
     stderr = capsys.readouterr().err
     assert status == 128 + signal.SIGINT
-    assert stderr == (f"error: stopped at once by SIGINT; {checkpoint} holds the state at the "
-                      "end of epoch 1\n")
+    assert stderr == (f"error: stopped at once by SIGINT; {checkpoint} contains the state at "
+                      "the end of epoch 1\n")
     saved = load_checkpoint_file(checkpoint)
     assert (saved["epoch"], saved["step"]) == (1, 0)
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
@@ -846,6 +846,45 @@ def test_main_unwritable_out_fails_before_training(tmp_path, capsys):
     assert status == 1
     assert captured.err.startswith(f"error: {out}: cannot create a file in {blocker} (")
     assert "epoch " not in captured.out
+
+
+def test_main_disk_full_keeps_checkpoint(tmp_path, monkeypatch, capsys):
+    checkpoint = tmp_path / "run.pt"
+    real_fdopen, opened = os.fdopen, []
+
+    class FullDisk(io.RawIOBase):
+        """A file that fails like a full disk once 1000 bytes are written."""
+
+        def __init__(self, file):
+            self.file, self.size = file, 0
+
+        def writable(self):
+            return True
+
+        def write(self, data):
+            self.size += len(data)
+            if self.size > 1000:
+                raise OSError(28, "No space left on device")
+            return self.file.write(data)
+
+        def close(self):
+            self.file.close()
+            super().close()
+
+    def full_after_first_file(fd, mode):
+        opened.append(fd)
+        file = real_fdopen(fd, mode)
+        return file if len(opened) == 1 else FullDisk(file)
+    monkeypatch.setattr(os, "fdopen", full_after_first_file)
+    status = fg.main(small_run("--epochs", "1", "--checkpoint", str(checkpoint)))
+    stderr = capsys.readouterr().err
+    assert status == 1
+    assert stderr == (f"error: {checkpoint}: cannot write the file (No space left on device); its "
+                      f"previous version, if any, is unchanged; {checkpoint} contains the state "
+                      "before the first step; resume with --resume once it can be written\n")
+    saved = load_checkpoint_file(checkpoint)
+    assert (saved["epoch"], saved["step"]) == (0, 0)
+    assert os.listdir(tmp_path) == ["run.pt"]
 
 
 def test_atomic_write_failure_keeps_previous_file(tmp_path):
