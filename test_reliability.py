@@ -9,9 +9,9 @@ minute. The real Fashion-MNIST files serve only as sources for corrupt copies.
 import contextlib
 import gzip
 import io
+import json
 import math
 import os
-import json
 import pickle
 import signal
 import socket
