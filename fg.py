@@ -23,16 +23,19 @@ import argparse
 import contextlib
 import dataclasses
 import gzip
+import io
 import json
 import math
 import os
 import pickle
 import platform
+import re
 import signal
 import sys
 import tempfile
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -103,7 +106,8 @@ class Config:
     lr_step: int = field(default=30, metadata={"help": "epochs between learning-rate decays"})
     lr_decay: float = field(default=0.2, metadata={"help": "learning-rate factor at each decay"})
     max_grad_norm: float = field(default=0.0, metadata={
-        "help": "clip the total update norm to this value (0: no clipping)"})
+        "help": "clip the norm of the update of all parameters together to this value, before "
+                "momentum and weight decay (0: no clipping)"})
     # run
     seed: int = field(default=0, metadata={"help": "seed for weights, data order and noise"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu, "
@@ -117,6 +121,8 @@ class Config:
     log_alignment: int = field(default=0, metadata={
         "help": "every N steps, record per block the cosine and norm ratio between the update "
                 "and the true end-to-end gradient (0: off)"})
+    log_steps: int = field(default=0, metadata={
+        "help": "also print the running train loss every N steps (0: once per epoch)"})
     benchmark: bool = field(default=False, metadata={
         "help": "time every estimator on the same batches and print a table, then exit"})
     benchmark_steps: int = field(default=5, metadata={"help": "timed steps per configuration"})
@@ -137,36 +143,74 @@ def build_parser():
     return parser
 
 
-def parse_args(argv=None):
-    """Parse the command line into a Config; invalid values exit with status 2 naming the flag."""
-    parser = build_parser()
-    cfg = Config(**vars(parser.parse_args(argv)))
+def number_problem(cfg):
+    """Return a message naming the first numeric setting out of its range, or None."""
     checks = [
         ("--epochs", cfg.epochs, cfg.epochs >= 0, "an integer >= 0"),
-        ("--batch-size", cfg.batch_size, cfg.batch_size >= 1, "an integer >= 1"),
+        # train-mode BatchNorm needs two examples per batch to compute a variance
+        ("--batch-size", cfg.batch_size, cfg.batch_size >= 2, "an integer >= 2"),
         ("--width", cfg.width, cfg.width >= 1, "an integer >= 1"),
-        ("--lr", cfg.lr, cfg.lr > 0 and math.isfinite(cfg.lr), "a finite number > 0"),
+        ("--lr", cfg.lr, 0 < cfg.lr < math.inf, "a finite number > 0"),
         ("--momentum", cfg.momentum, 0 <= cfg.momentum < 1, "a number in [0, 1)"),
-        ("--weight-decay", cfg.weight_decay, cfg.weight_decay >= 0, "a number >= 0"),
+        ("--weight-decay", cfg.weight_decay, 0 <= cfg.weight_decay < math.inf,
+         "a finite number >= 0"),
         ("--lr-step", cfg.lr_step, cfg.lr_step >= 1, "an integer >= 1"),
         ("--lr-decay", cfg.lr_decay, 0 < cfg.lr_decay <= 1, "a number in (0, 1]"),
-        ("--max-grad-norm", cfg.max_grad_norm, cfg.max_grad_norm >= 0, "a number >= 0"),
-        ("--train-subset", cfg.train_subset, cfg.train_subset >= 0, "an integer >= 0"),
+        ("--max-grad-norm", cfg.max_grad_norm, 0 <= cfg.max_grad_norm < math.inf,
+         "a finite number >= 0 (0: no clipping)"),
+        ("--train-subset", cfg.train_subset, cfg.train_subset == 0 or cfg.train_subset >= 2,
+         "0 (all examples) or an integer >= 2"),
+        # epoch_order seeds a generator with seed * 100003 + epoch, which must stay below 2**64
+        ("--seed", cfg.seed, 0 <= cfg.seed < 2**32, "an integer in [0, 4294967295]"),
         ("--log-alignment", cfg.log_alignment, cfg.log_alignment >= 0, "an integer >= 0"),
+        ("--log-steps", cfg.log_steps, cfg.log_steps >= 0, "an integer >= 0"),
         ("--benchmark-steps", cfg.benchmark_steps, cfg.benchmark_steps >= 1, "an integer >= 1"),
     ]
     for flag, value, ok, valid in checks:
         if not ok:
-            parser.error(f"invalid value for {flag}: {value}; expected {valid}")
+            return f"invalid value for {flag}: {value}; expected {valid}"
+    return None
+
+
+def device_problem(name):
+    """Return a message if --device names no device of this machine, or None."""
+    if not re.fullmatch(r"auto|cpu|cuda(:[0-9]+)?", name):
+        return f"invalid value for --device: {name}; expected auto, cpu, cuda or cuda:N"
+    if not name.startswith("cuda"):
+        return None
+    if not torch.cuda.is_available():
+        return f"invalid value for --device: {name}; CUDA is not available here, use --device cpu"
+    count = torch.cuda.device_count()
+    if int(name.partition(":")[2] or 0) >= count:
+        return (f"invalid value for --device: {name}; expected cuda:0 to cuda:{count - 1}, "
+                "the CUDA devices of this machine")
+    return None
+
+
+def path_problem(cfg):
+    """Return a message if a file or folder setting cannot work, or None."""
     if os.path.isfile(cfg.data_dir):
-        parser.error(f"invalid value for --data-dir: {cfg.data_dir} is a file; expected a folder")
-    if cfg.device != "auto" and not cfg.device.startswith(("cpu", "cuda")):
-        parser.error(f"invalid value for --device: {cfg.device}; expected auto, cpu, cuda or cuda:N")
-    if cfg.device.startswith("cuda") and not torch.cuda.is_available():
-        parser.error(f"invalid value for --device: {cfg.device}, but CUDA is not available here; "
-                     "use --device cpu")
-    if cfg.resume and cfg.checkpoint == "none":
-        parser.error("--resume needs a checkpoint file; remove --checkpoint none")
+        return f"invalid value for --data-dir: {cfg.data_dir} is a file; expected a folder"
+    checkpoint = checkpoint_path(cfg)
+    for flag, path in (("--out", cfg.out), ("--checkpoint", checkpoint)):
+        if path and os.path.isdir(path):
+            return f"invalid value for {flag}: {path} is a folder; expected a file name"
+    if cfg.resume and checkpoint is None:
+        return "--resume needs a checkpoint file; remove --checkpoint none"
+    # Starting over would replace the checkpoint of an earlier run after one epoch.
+    if checkpoint and not cfg.resume and not cfg.benchmark and os.path.exists(checkpoint):
+        return (f"--checkpoint {checkpoint} already exists; pass --resume to continue that run, "
+                "or delete the file or choose another --checkpoint to start over")
+    return None
+
+
+def parse_args(argv=None):
+    """Parse the command line into a Config; invalid values exit with status 2 naming the flag."""
+    parser = build_parser()
+    cfg = Config(**vars(parser.parse_args(argv)))
+    problem = number_problem(cfg) or device_problem(cfg.device) or path_problem(cfg)
+    if problem:
+        parser.error(problem)
     return cfg
 
 
@@ -174,8 +218,21 @@ class DataError(Exception):
     """A dataset file is missing, corrupt or not of the expected form."""
 
 
+class UsageError(DataError):
+    """A command-line value is invalid for the data or files at hand."""
+
+
 # -------------------------------------------------------------------------------------------------
 # Data: every dataset becomes uint8 images (N, C, H, W) and int64 labels held in memory.
+
+# The files each dataset needs in --data-dir, as error messages name them.
+EXPECTED_FILES = {
+    "fashion-mnist": "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte "
+                     "and t10k-labels-idx1-ubyte, each gzipped (.gz) or not",
+    "imagenet32": "train_data_batch_1 to train_data_batch_10 and val_data, the unpacked pickles "
+                  "of downsampled ImageNet 32x32",
+}
+
 
 def read_idx(path):
     """Read an idx file (the MNIST format), gzipped or not, into a uint8 array."""
@@ -183,13 +240,22 @@ def read_idx(path):
     try:
         with opener(path, "rb") as f:
             raw = f.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as e:
-        raise DataError(f"{path}: cannot read the file ({e}); replace it with an intact copy")
+    # gzip raises EOFError for a cut-off file, BadGzipFile for a bad header or checksum and
+    # zlib.error for a damaged compressed stream.
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise DataError(f"{path}: the gzip data is truncated or corrupt ({e}); replace the file "
+                        "with an intact copy") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror})") from None
     if len(raw) < 4 or raw[:2] != b"\0\0" or raw[2] != 0x08:
-        raise DataError(f"{path}: not an idx file of unsigned bytes (bad magic number)")
-    ndim = raw[3]
+        raise DataError(f"{path}: not an idx file of unsigned bytes: the magic number is "
+                        f"0x{raw[:4].hex()}, expected 0x000008 followed by the number of "
+                        "dimensions; replace the file with an intact copy")
+    ndim, start = raw[3], 4 + 4 * raw[3]
+    if len(raw) < start:
+        raise DataError(f"{path}: the idx header of {ndim} dimensions is cut off after "
+                        f"{len(raw)} bytes; the file is truncated")
     shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    start = 4 + 4 * ndim
     if len(raw) - start != math.prod(shape):
         raise DataError(f"{path}: header declares shape {shape} ({math.prod(shape)} bytes) "
                         f"but the file holds {len(raw) - start}; the file is truncated or corrupt")
@@ -206,26 +272,26 @@ def find_idx(folder, stem):
 
 
 def load_fashion_mnist(folder):
+    """Read the four idx files from folder or its FashionMNIST/raw. Nothing is downloaded, so an
+    offline machine gets the list of files to copy instead of a network error."""
     stems = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
              "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
     paths = [find_idx(folder, s) for s in stems]
     if None in paths:
-        try:
-            torchvision.datasets.FashionMNIST(folder, download=True)
-        except Exception as e:  # any failure to download leads to the same advice
-            missing = [s for s, p in zip(stems, paths) if p is None]
-            raise DataError(
-                f"Fashion-MNIST files {', '.join(missing)} (.gz or not) are missing in {folder} "
-                f"and the download failed ({type(e).__name__}); put the four idx files there, "
-                "for example from Debian's dataset-fashion-mnist package "
-                "(/usr/share/datasets/fashion-mnist)") from None
-        paths = [find_idx(folder, s) for s in stems]
+        missing = [s for s, p in zip(stems, paths) if p is None]
+        raise DataError(
+            f"Fashion-MNIST files missing in {folder}: {', '.join(missing)}; copy "
+            f"{EXPECTED_FILES['fashion-mnist']} into {folder}, for example from "
+            "/usr/share/datasets/fashion-mnist, where Debian's dataset-fashion-mnist package "
+            "installs them")
     arrays = [read_idx(p) for p in paths]
     for (images, labels), (pi, pl) in zip((arrays[:2], arrays[2:]), (paths[:2], paths[2:])):
         if images.ndim != 3 or images.shape[1:] != (28, 28):
-            raise DataError(f"{pi}: images have shape {images.shape[1:]}, expected (28, 28)")
+            raise DataError(f"{pi}: images of shape {images.shape[1:]}, expected (28, 28); "
+                            "the file is not Fashion-MNIST images")
         if labels.shape != (len(images),):
-            raise DataError(f"{pl}: {labels.shape} labels for {len(images)} images in {pi}")
+            raise DataError(f"{pl}: labels of shape {labels.shape} for the {len(images)} images "
+                            f"in {pi}; expected one label per image")
     images = [torch.from_numpy(a.copy())[:, None] for a in arrays[0::2]]
     labels = [torch.from_numpy(a.astype(np.int64)) for a in arrays[1::2]]
     return images[0], labels[0], images[1], labels[1], paths[1::2]
@@ -236,9 +302,10 @@ def load_cifar10(folder):
         sets = [torchvision.datasets.CIFAR10(folder, train=t, download=True) for t in (True, False)]
     except Exception as e:  # offline, or a corrupt archive that fails the checksum
         raise DataError(
-            f"CIFAR-10 is not in {folder} and could not be downloaded ({type(e).__name__}: {e}); "
-            f"put cifar-10-python.tar.gz or its extracted folder cifar-10-batches-py in "
-            f"{folder} (from https://www.cs.toronto.edu/~kriz/cifar.html)") from None
+            f"CIFAR-10 is missing or damaged in {folder} and could not be downloaded "
+            f"({type(e).__name__}: {e}); put cifar-10-python.tar.gz or its extracted folder "
+            f"cifar-10-batches-py in {folder} (from https://www.cs.toronto.edu/~kriz/cifar.html)"
+        ) from None
     out = []
     for s in sets:
         out += [torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(),
@@ -246,18 +313,111 @@ def load_cifar10(folder):
     return (*out, [os.path.join(folder, "cifar-10-batches-py")] * 2)
 
 
+# Numpy arrays in a pickle are rebuilt by the stand-ins below, not by numpy: numpy's own
+# __setstate__ trusts the pickled dtype header, and damaged headers made numpy 2.4 raise
+# SystemError or crash the interpreter.
+
+class PickledDtype:
+    """A dtype read from a pickle: a plain number type code such as 'u1' and its byte order."""
+
+    def __init__(self, code, align=False, copy=True):
+        if not (isinstance(code, str) and re.fullmatch(r"[biuf][1248]", code)):
+            raise pickle.UnpicklingError(f"dtype {code!r} is not a plain number type")
+        self.code, self.byteorder = code, "|"
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 8 and state[1] in ("<", ">", "|", "=")
+                and state[2:5] == (None, None, None) and state[7] == 0):
+            raise pickle.UnpicklingError(f"damaged header of dtype {self.code}")
+        self.byteorder = state[1]
+
+
+def pickled_array(raw, dtype, shape, order="C"):
+    """Build an array from the parts a pickle stores, after checking that they agree. The
+    arguments are those of numpy's _frombuffer."""
+    if not (isinstance(dtype, PickledDtype) and isinstance(shape, tuple)
+            and all(isinstance(n, int) and n >= 0 for n in shape) and order in ("C", "F")):
+        raise pickle.UnpicklingError("damaged array header")
+    # Python 2 pickles store the bytes as a string, which encoding="latin1" decodes one to one.
+    raw = raw.encode("latin1") if isinstance(raw, str) else raw
+    dtype = np.dtype(dtype.code).newbyteorder(dtype.byteorder)
+    size = memoryview(raw).nbytes
+    if size != math.prod(shape) * dtype.itemsize:
+        raise pickle.UnpicklingError(f"array of shape {shape} and type {dtype} stored in {size} "
+                                     "bytes")
+    return np.frombuffer(raw, dtype).reshape(shape, order=order)
+
+
+class PickledArray:
+    """An array that pickle protocols 2 to 4 create empty, then fill by __setstate__."""
+
+    def __init__(self, *args):
+        self.array = None
+
+    def __setstate__(self, state):
+        if not (isinstance(state, tuple) and len(state) == 5):
+            raise pickle.UnpicklingError("damaged array state")
+        _, shape, dtype, fortran, raw = state
+        self.array = pickled_array(raw, dtype, shape, "F" if fortran else "C")
+
+
+def latin1_bytes(text, encoding):
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"bytes encoded as {encoding!r}")
+    return text.encode("latin1")
+
+
+# The globals a pickled ImageNet32 batch may name, under the module names of numpy 1 and 2.
+PICKLE_GLOBALS = {("numpy", "dtype"): PickledDtype, ("numpy", "ndarray"): PickledArray,
+                  ("_codecs", "encode"): latin1_bytes}
+for numpy_core in ("numpy.core", "numpy._core"):
+    PICKLE_GLOBALS[numpy_core + ".multiarray", "_reconstruct"] = PickledArray
+    PICKLE_GLOBALS[numpy_core + ".multiarray", "scalar"] = (
+        lambda dtype, raw: pickled_array(raw, dtype, ())[()])
+    PICKLE_GLOBALS[numpy_core + ".numeric", "_frombuffer"] = pickled_array
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """An unpickler that builds numpy arrays and plain Python values only, so that a corrupt or
+    foreign file can neither run code nor reach numpy's unchecked array constructors."""
+
+    def find_class(self, module, name):
+        if (module, name) not in PICKLE_GLOBALS:
+            raise pickle.UnpicklingError(f"the pickle refers to {module}.{name}, which no "
+                                         "ImageNet32 batch does")
+        return PICKLE_GLOBALS[module, name]
+
+
+def unpickled_array(value):
+    return np.asarray(value.array if isinstance(value, PickledArray) else value)
+
+
 def load_imagenet32_file(path):
+    """Read one pickled batch into uint8 images (N, 3, 32, 32) and labels 0..999."""
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f)
-        data, labels = np.asarray(batch["data"], dtype=np.uint8), np.asarray(batch["labels"])
-    except (OSError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError) as e:
+            # latin1 decodes the byte strings in numpy arrays pickled by Python 2
+            batch = BatchUnpickler(f, encoding="latin1").load()
+        data, labels = unpickled_array(batch["data"]), unpickled_array(batch["labels"])
+    # A damaged pickle stream fails in the unpickler's stack or memo with any of these.
+    except (OSError, EOFError, pickle.UnpicklingError, KeyError, IndexError, TypeError,
+            ValueError, AttributeError, OverflowError, MemoryError) as e:
         raise DataError(f"{path}: not a readable ImageNet32 batch ({type(e).__name__}: {e}); "
-                        "expected a pickled dict with 'data' and 'labels'") from None
-    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(labels) != len(data):
-        raise DataError(f"{path}: data of shape {data.shape} with {len(labels)} labels; "
-                        "expected (N, 3072) uint8 images of 32x32 pixels and N labels")
-    return torch.from_numpy(data).view(-1, 3, 32, 32), torch.from_numpy(labels.astype(np.int64) - 1)
+                        "expected a pickled dict with 'data' and 'labels'; replace the file "
+                        "with an intact copy") from None
+    not_bytes = data.dtype.kind not in "ui" or (
+        data.dtype != np.uint8 and data.size > 0 and (data.min() < 0 or data.max() > 255))
+    if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or not_bytes:
+        raise DataError(f"{path}: 'data' is {data.dtype} of shape {data.shape}; expected "
+                        "N images of 3x32x32 pixels as integers 0..255 of shape (N, 3072)")
+    if labels.shape != (len(data),) or labels.dtype.kind not in "ui":
+        raise DataError(f"{path}: 'labels' is {labels.dtype} of shape {labels.shape}; expected "
+                        f"{len(data)} integers, one per image")
+    if len(labels) and (labels.min() < 1 or labels.max() > 1000):
+        raise DataError(f"{path}: labels range over [{labels.min()}, {labels.max()}]; expected "
+                        "[1, 1000], the ImageNet classes")
+    images = torch.from_numpy(data.astype(np.uint8)).view(-1, 3, 32, 32)
+    return images, torch.from_numpy(labels.astype(np.int64) - 1)
 
 
 def load_imagenet32(folder):
@@ -266,8 +426,8 @@ def load_imagenet32(folder):
     missing = [p for p in train_paths + [test_path] if not os.path.isfile(p)]
     if missing:
         raise DataError(f"ImageNet32 files missing in {folder}: "
-                        f"{', '.join(os.path.basename(p) for p in missing)}; put the unpacked "
-                        "train_data_batch_1..10 and val_data of downsampled ImageNet 32x32 there")
+                        f"{', '.join(os.path.basename(p) for p in missing)}; copy "
+                        f"{EXPECTED_FILES['imagenet32']} into {folder}")
     train = [load_imagenet32_file(p) for p in train_paths]
     test_x, test_y = load_imagenet32_file(test_path)
     train_x, train_y = torch.cat([t[0] for t in train]), torch.cat([t[1] for t in train])
@@ -305,8 +465,8 @@ def load_data(cfg):
         parts = make_synthetic(cfg.seed)
     else:
         if not os.path.isdir(cfg.data_dir) and cfg.dataset != "cifar10":
-            raise DataError(f"--data-dir {cfg.data_dir} does not exist; create it and put "
-                            f"the {cfg.dataset} files there")
+            raise DataError(f"--data-dir {cfg.data_dir} does not exist; create it and copy "
+                            f"{EXPECTED_FILES[cfg.dataset]} into it")
         loader = {"cifar10": load_cifar10, "fashion-mnist": load_fashion_mnist,
                   "imagenet32": load_imagenet32}[cfg.dataset]
         parts = loader(cfg.data_dir)
@@ -316,13 +476,17 @@ def load_data(cfg):
         if len(y) and (y.min() < 0 or y.max() >= classes):
             raise DataError(f"{name}: labels range over [{y.min()}, {y.max()}], expected "
                             f"[0, {classes - 1}] for {cfg.dataset}")
+    if len(train_x) < 2 or len(test_x) < 1:
+        raise DataError(f"{train_file}: {len(train_x)} training and {len(test_x)} test examples; "
+                        "expected at least 2 and 1")
     if test_x.shape[1:] != train_x.shape[1:]:
         raise DataError(f"{test_file}: images of shape {tuple(test_x.shape[1:])} differ from the "
                         f"training images' {tuple(train_x.shape[1:])}")
     if cfg.train_subset:
         if cfg.train_subset > len(train_x):
-            raise DataError(f"invalid value for --train-subset: {cfg.train_subset} is larger than "
-                            f"the {len(train_x)} training examples of {cfg.dataset}")
+            raise UsageError(f"invalid value for --train-subset: {cfg.train_subset}; expected 0 "
+                             f"(all examples) or an integer in [2, {len(train_x)}], the number "
+                             f"of {cfg.dataset} training examples")
         keep = torch.randperm(len(train_x), generator=torch.Generator().manual_seed(cfg.seed))
         keep = keep[:cfg.train_subset]
         train_x, train_y = train_x[keep], train_y[keep]
@@ -880,20 +1044,44 @@ def evaluate(model, data, device, batch_size=500):
     return (100 * correct / max(1, len(data.test_x))).tolist()
 
 
+class WriteError(Exception):
+    """A results or checkpoint file cannot be written."""
+
+
 def atomic_write(path, write):
-    """Write a file through a temporary file and a rename, so a crash never leaves half of it."""
+    """Write a file through a temporary file and a rename, so a crash never leaves half of it.
+    Raises WriteError on failure, and the previous version of the file is then unchanged."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
+    except OSError as e:
+        raise WriteError(f"{path}: cannot create a file in {folder} ({e.strerror})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        # mkstemp creates the file readable by its owner alone, so give it the usual mode
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise WriteError(f"{path}: cannot write the file ({e.strerror or e}); its previous "
+                             "version, if any, is unchanged") from None
         raise
+    # The rename survives a power loss only once the folder itself is synced. Some file systems
+    # cannot sync a folder, but the rename is atomic there too.
+    with contextlib.suppress(OSError):
+        folder_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(folder_fd)
+        finally:
+            os.close(folder_fd)
 
 
 def checkpoint_path(cfg):
@@ -907,13 +1095,40 @@ def checkpoint_path(cfg):
 
 
 # settings that may differ between a checkpoint and the run that resumes it
-RESUMABLE_CHANGES = {"epochs", "out", "checkpoint", "resume", "device", "log_alignment"}
+RESUMABLE_CHANGES = {"epochs", "out", "checkpoint", "resume", "device", "log_alignment",
+                     "log_steps"}
 
 
 def resolve_device(name):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@torch.no_grad()
+def find_non_finite(model, x):
+    """Name the first block whose weights, or whose output for input x, contain NaN or
+    infinity, or return None."""
+    with frozen_bn_stats(model):
+        for j, block in enumerate(model.blocks):
+            if not all(torch.isfinite(p).all() for p in block.parameters()):
+                return f"the weights of block {j}"
+            x = block(x)
+            if not torch.isfinite(x).all():
+                return f"the output of block {j}"
+    return None
+
+
+def non_finite_weights(model):
+    """Name the first block or auxiliary net with a NaN or infinite weight, or return None."""
+    params = list(model.parameters())
+    if torch.stack([torch.isfinite(p).all() for p in params]).all():
+        return None
+    for name, group in [(f"block {j}", b) for j, b in enumerate(model.blocks)] + [
+            (f"auxiliary net {j}", a) for j, a in enumerate(model.aux)]:
+        if not all(torch.isfinite(p).all() for p in group.parameters()):
+            return name
+    return None
 
 
 def describe_hardware(device):
@@ -942,8 +1157,9 @@ class Run:
                                          weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.StepLR(self.optimizer, cfg.lr_step, cfg.lr_decay)
         self.epoch, self.step, self.totals = 0, 0, self.new_totals()
-        self.history, self.alignment, self.status = [], [], "running"
+        self.history, self.alignment, self.status, self.error = [], [], "running", None
         self.checkpoint = checkpoint_path(cfg)
+        self.saved_position = None  # (epoch, step) that the checkpoint file contains
         self.stop_signal = None
 
     @staticmethod
@@ -959,14 +1175,33 @@ class Run:
 
     def save_checkpoint(self):
         if self.checkpoint:
-            atomic_write(self.checkpoint, lambda f: torch.save(self.state(), f))
+            # torch.save turns a failed write, such as a full disk, into an unclear RuntimeError,
+            # so the checkpoint is serialized in memory and written as plain bytes
+            buffer = io.BytesIO()
+            torch.save(self.state(), buffer)
+            atomic_write(self.checkpoint, lambda f: f.write(buffer.getbuffer()))
+            self.saved_position = self.epoch, self.step
+
+    def position(self, epoch=None, step=None):
+        """Describe a point of training in words, by default the current one."""
+        epoch = self.epoch if epoch is None else epoch
+        step = self.step if step is None else step
+        if step:
+            return f"after step {step} of epoch {epoch + 1}"
+        return f"at the end of epoch {epoch}" if epoch else "before the first step"
 
     def load_checkpoint(self):
+        # weights_only: a checkpoint contains tensors and plain values, so loading it runs no code
         try:
-            state = torch.load(self.checkpoint, map_location=self.device, weights_only=False)
+            state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
+            missing = {"model", "optimizer", "config", "epoch", "step", "rng"} - set(state)
         except Exception as e:  # any unreadable checkpoint gets the same advice
             raise DataError(f"{self.checkpoint}: cannot load the checkpoint "
                             f"({type(e).__name__}: {e}); delete it to start from scratch") from None
+        if missing:
+            raise DataError(f"{self.checkpoint}: not a checkpoint of fg.py, it lacks "
+                            f"{', '.join(sorted(missing))}; choose another --checkpoint")
+
         saved, now = state["config"], dataclasses.asdict(self.cfg)
         changed = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
         if changed:
@@ -974,10 +1209,16 @@ class Run:
                               for k in changed)
             raise UsageError(f"{self.checkpoint} was written with {diffs}; resume with the same "
                              "settings or choose another --checkpoint")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+
+        try:
+            self.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError) as e:
+            raise DataError(f"{self.checkpoint}: the saved weights do not fit the model ({e}); "
+                            "choose another --checkpoint") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.step, self.totals = state["epoch"], state["step"], state["totals"]
+        self.saved_position = self.epoch, self.step
         self.history, self.alignment = state["history"], state["alignment"]
         torch.set_rng_state(state["rng"].cpu())
         if state["cuda_rng"] and torch.cuda.is_available():
@@ -986,7 +1227,7 @@ class Run:
     def results(self):
         final = self.history[-1]["test_accuracy"] if self.history else None
         return {"config": dataclasses.asdict(self.cfg), "status": self.status,
-                "final_test_accuracy": final, "epochs": self.history,
+                "error": self.error, "final_test_accuracy": final, "epochs": self.history,
                 "alignment": self.alignment, "aux_flop_shares": self.flop_shares,
                 "versions": {"python": platform.python_version(), "torch": torch.__version__,
                              "torchvision": torchvision.__version__},
@@ -1004,6 +1245,27 @@ class Run:
         self.stop_signal = signum
         print(f"received {signal.Signals(signum).name}: stopping after this step", flush=True)
 
+    def train_batch(self, x, y, measure):
+        """Take one SGD step on a batch. Raises NonFiniteError naming the block at fault."""
+        self.optimizer.zero_grad(set_to_none=True)
+        try:
+            result = train_step(self.model, x, y, self.cfg, measure)
+        except NonFiniteError as e:
+            where = None
+            if str(e).startswith("non-finite loss"):
+                where = find_non_finite(self.model, x)
+            raise NonFiniteError(f"{e} at epoch {self.epoch + 1}, step {self.step + 1}"
+                                 + (f", first in {where}" if where else "")) from None
+        if self.cfg.max_grad_norm:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.max_grad_norm)
+        self.optimizer.step()
+        # finite updates can still overflow the weights, for example with a huge learning rate
+        where = non_finite_weights(self.model)
+        if where:
+            raise NonFiniteError(f"non-finite weights in {where} after the update at epoch "
+                                 f"{self.epoch + 1}, step {self.step + 1}")
+        return result
+
     def train_epoch(self):
         cfg, data = self.cfg, self.data
         order = epoch_order(len(data.train_x), cfg.seed, self.epoch)
@@ -1014,16 +1276,9 @@ class Run:
             idx = order[self.step * cfg.batch_size:(self.step + 1) * cfg.batch_size]
             x, y = prepare_batch(data, data.train_x[idx], data.train_y[idx], self.device,
                                  data.augment)
-            self.optimizer.zero_grad(set_to_none=True)
             global_step = self.epoch * steps + self.step
             measure = cfg.log_alignment > 0 and global_step % cfg.log_alignment == 0
-            try:
-                result = train_step(self.model, x, y, cfg, measure)
-            except NonFiniteError as e:
-                raise NonFiniteError(f"{e} at epoch {self.epoch + 1}, step {self.step + 1}")
-            if cfg.max_grad_norm:
-                nn.utils.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm)
-            self.optimizer.step()
+            result = self.train_batch(x, y, measure)
             for j, (cosine, ratio) in enumerate(result.alignment):
                 self.alignment.append({"step": global_step, "epoch": self.epoch + 1, "block": j,
                                        "cosine": cosine, "norm_ratio": ratio})
@@ -1034,6 +1289,10 @@ class Run:
             t["zero_guesses"] += result.zero_guesses
             t["seconds"] += time.perf_counter() - start
             self.step += 1
+            if cfg.log_steps and self.step % cfg.log_steps == 0:
+                print(f"epoch {self.epoch + 1} step {self.step}/{steps} | train loss "
+                      f"{t['loss'] / t['seen']:.4f} | {t['seen'] / t['seconds']:.0f} img/s | "
+                      f"zero guesses {t['zero_guesses']}", flush=True)
         return self.step == steps
 
     def log_epoch(self, test):
@@ -1055,51 +1314,63 @@ class Run:
             raise AssertionError("one accuracy per block expected")
 
     def train(self):
+        """Train to cfg.epochs and return the exit status: 0 when complete, 1 when diverged,
+        128 + the signal number when stopped by SIGINT or SIGTERM."""
         cfg = self.cfg
         if cfg.resume and self.checkpoint and os.path.exists(self.checkpoint):
             self.load_checkpoint()
-            print(f"resumed from {self.checkpoint} at epoch {self.epoch + 1}, step {self.step + 1}")
-        elif cfg.resume:
-            print(f"no checkpoint at {self.checkpoint}: starting from scratch")
+            print(f"resumed from {self.checkpoint} {self.position()}")
+        else:
+            if cfg.resume:
+                print(f"no checkpoint at {self.checkpoint}: starting from scratch")
+            # a path that cannot be written fails now, not after the first epoch
+            self.save_checkpoint()
+        self.write_results()
+
         handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
-            while self.epoch < cfg.epochs:
-                if not self.train_epoch():
-                    break
+            while self.epoch < cfg.epochs and self.train_epoch():
                 self.log_epoch(evaluate(self.model, self.data, self.device))
                 self.scheduler.step()
                 self.epoch, self.step, self.totals = self.epoch + 1, 0, self.new_totals()
                 self.save_checkpoint()
                 self.write_results()
         except NonFiniteError as e:
-            self.status = "diverged"
-            self.write_results()
-            kept = f"; the last good checkpoint is {self.checkpoint}" if self.checkpoint else ""
-            print(f"error: {e}{kept}", file=sys.stderr)
-            return 1
+            return self.stop_diverged(e)
         finally:
             for s, h in handlers.items():
                 signal.signal(s, h)
-        if self.stop_signal is not None:
-            self.status = "interrupted"
-            self.save_checkpoint()
-            self.write_results()
-            where = f"; resume with --resume --checkpoint {self.checkpoint}" if self.checkpoint else ""
-            print(f"interrupted at epoch {self.epoch + 1}, step {self.step}{where}", flush=True)
-            return 128 + self.stop_signal
+        if self.epoch < cfg.epochs:
+            return self.stop_interrupted()
+
         self.status = "complete"
         self.write_results()
         if self.history:
             print(f"final test accuracy: {self.history[-1]['test_accuracy']:.2f}%")
         return 0
 
+    def stop_diverged(self, error):
+        self.status, self.error = "diverged", str(error)
+        self.write_results()
+        kept = ""
+        if self.saved_position:
+            kept = (f"; {self.checkpoint} keeps the last good state, "
+                    f"{self.position(*self.saved_position)}")
+        print(f"error: {error}{kept}; lower --lr or set --max-grad-norm and start a new run",
+              file=sys.stderr)
+        return 1
+
+    def stop_interrupted(self):
+        self.status = "interrupted"
+        self.save_checkpoint()
+        self.write_results()
+        where = f"; resume with --resume --checkpoint {self.checkpoint}" if self.checkpoint else ""
+        print(f"interrupted {self.position()}{where}", flush=True)
+        return 128 + self.stop_signal
+
 
 # -------------------------------------------------------------------------------------------------
 # Command line
-
-class UsageError(DataError):
-    """A command-line value is invalid for the data or files at hand."""
-
 
 def print_header(run):
     cfg = run.cfg
@@ -1116,8 +1387,16 @@ def print_header(run):
           f"engine {cfg.engine}", flush=True)
 
 
+def saved_state(run):
+    """Return a clause naming the checkpoint and the point of training it contains, or ""."""
+    if run is None or run.saved_position is None:
+        return ""
+    return f"; {run.checkpoint} contains the state {run.position(*run.saved_position)}"
+
+
 def main(argv=None):
     cfg = parse_args(argv)
+    run = None
     try:
         run = Run(cfg)
         print_header(run)
@@ -1130,6 +1409,16 @@ def main(argv=None):
     except DataError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except WriteError as e:
+        resume = "; resume with --resume once it can be written" if saved_state(run) else ""
+        print(f"error: {e}{saved_state(run)}{resume}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        # a second SIGINT or SIGTERM during training, or the first one before it starts
+        signum = (run and run.stop_signal) or signal.SIGINT
+        print(f"error: stopped at once by {signal.Signals(signum).name}{saved_state(run)}",
+              file=sys.stderr)
+        return 128 + signum
 
 
 if __name__ == "__main__":
