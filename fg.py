@@ -15,12 +15,13 @@ auxiliary nets receive their exact gradients.
     python fg.py --target global --guess global                     # backprop
     python fg.py --target local --guess aux                         # greedy local learning
 
-The estimator functions (BlockPass, jvp_per_example, projection_coefficients, ...) take plain
+The estimator functions (BlockPass, unit_guess, target_dots, project, ...) take plain
 modules and tensors and work on other models; README.md shows how.
 """
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import gzip
 import io
@@ -31,6 +32,7 @@ import pickle
 import platform
 import re
 import signal
+import statistics
 import sys
 import tempfile
 import time
@@ -126,6 +128,10 @@ class Config:
     benchmark: bool = field(default=False, metadata={
         "help": "time every estimator on the same batches and print a table, then exit"})
     benchmark_steps: int = field(default=5, metadata={"help": "timed steps per configuration"})
+    benchmark_configs: str = field(default="all", metadata={
+        "choices": ("all", "main"),
+        "help": "all: every target, guess, space and engine; main: backprop, local learning and "
+                "the global target with random, ntk and aux guesses"})
 
 
 def build_parser():
@@ -620,34 +626,47 @@ def count_flops(module, x):
 
 
 @torch.no_grad()
-def aux_flop_shares(model, image_shape):
-    """Each auxiliary net's FLOPs (conv and linear) as a fraction of its block's, per example."""
+def block_flops(model, image_shape):
+    """FLOPs (conv and linear) per example of each block and of each auxiliary net."""
     was_training = model.training
-    model.eval()
+    model.eval()  # BatchNorm in train mode needs more than one example
     x = torch.zeros(1, *image_shape, device=next(model.parameters()).device)
-    shares = []
-    for j, block in enumerate(model.blocks[:-1]):
-        h = block(x)
-        shares.append(count_flops(model.aux[j], h) / count_flops(block, x))
-        x = h
+    blocks, aux = [], []
+    for j, block in enumerate(model.blocks):
+        blocks.append(count_flops(block, x))
+        x = block(x)
+        aux.append(count_flops(model.aux[j], x) if j < len(model.aux) else 0)
     model.train(was_training)
-    return shares
+    return blocks, aux
+
+
+def aux_flop_shares(model, image_shape):
+    """Each auxiliary net's FLOPs as a fraction of its block's."""
+    blocks, aux = block_flops(model, image_shape)
+    return [a / b for a, b in zip(aux[:-1], blocks)]
 
 
 # -------------------------------------------------------------------------------------------------
 # Estimators. Notation: G is the target gradient, G~ the guess, B the batch size. A "slice" G_i is
 # example i's share of the gradient of the batch mean loss, so that sum_i G_i = G.
 
-def projection_coefficients(dots, guess_sq_norms):
-    """Return c with c_i = <G_i, G~_i> / ||G~_i||^2, so that g_hat_i = c_i G~_i.
+def unit_guess(G_guess):
+    """Return (u, zero count): u_i = G~_i / ||G~_i|| per example (per tensor in weight space),
+    and u_i = 0 where G~_i = 0, which the count reports.
 
-    The projection is never an ascent direction: <g_hat_i, G_i> = <G_i, G~_i>^2 / ||G~_i||^2 >= 0.
-    It is biased towards G~, and scaling G~ by any nonzero constant leaves g_hat unchanged. An
-    example whose guess is zero gets c_i = 0, not NaN; the second return value counts them.
+    The projection estimator is g_hat_i = <G_i, G~_i> / ||G~_i||^2 G~_i = <G_i, u_i> u_i. It is
+    never an ascent direction, <g_hat_i, G_i> = <G_i, u_i>^2 >= 0, it is biased towards G~, and
+    scaling G~_i by any nonzero constant leaves it unchanged. Computing <G_i, u_i> by forward mode
+    on unit tangents keeps the error of one jvp under BatchNorm (see jvp_per_example) from being
+    divided by a small ||G~_i||.
     """
-    zero = guess_sq_norms == 0
-    c = dots / torch.where(zero, torch.ones_like(guess_sq_norms), guess_sq_norms)
-    return torch.where(zero, torch.zeros_like(c), c), int(zero.sum())
+    if isinstance(G_guess, dict):
+        units = {n: unit_guess(G) for n, G in G_guess.items()}
+        return {n: u for n, (u, _) in units.items()}, sum(z for _, z in units.values())
+    norms = torch.linalg.vector_norm(G_guess.flatten(1), dim=1)
+    zero = norms == 0
+    scale = torch.where(zero, torch.zeros_like(norms), 1 / torch.where(zero, 1, norms))
+    return G_guess * scale.view(-1, *[1] * (G_guess.dim() - 1)), int(zero.sum())
 
 
 def random_guess(shape, noise, like):
@@ -847,10 +866,6 @@ class BlockPass:
         return deltas, loss_with
 
 
-def guess_sq_norms(G):
-    return G.flatten(1).pow(2).sum(1)
-
-
 def weight_space_jvp_dots(bp, G_guess, loss_fn, exact=False):
     """{name: <G_i, G~_i>} for every parameter tensor of the block, by forward mode.
 
@@ -883,18 +898,12 @@ def target_dots(bp, G_guess, space, engine, loss_fn=None, cotangent=None, exact=
     return weight_space_jvp_dots(bp, G_guess, loss_fn, exact)
 
 
-def project(bp, G_guess, dots, normalize=True):
-    """Return ({name: update}, zero-guess count) with update = sum_i c_i G~_i; c_i = dots_i
-    divided by ||G~_i||^2 when normalize, else c_i = dots_i (the unbiased random estimator)."""
-    if isinstance(G_guess, dict):
-        update, zeros = {}, 0
-        for n, G in G_guess.items():
-            c, z = projection_coefficients(dots[n], guess_sq_norms(G)) if normalize else (dots[n], 0)
-            update[n] = torch.einsum("b,b...->...", c, G)
-            zeros += z
-        return update, zeros
-    c, zeros = projection_coefficients(dots, guess_sq_norms(G_guess)) if normalize else (dots, 0)
-    return bp.backward(c.view(-1, *[1] * (G_guess.dim() - 1)) * G_guess), zeros
+def project(bp, direction, dots):
+    """Return {name: update} with update = sum_i dots_i direction_i: the projection estimator
+    for unit guesses (dots_i = <G_i, u_i>), or <G_i, v_i> v_i for raw random guesses v."""
+    if isinstance(direction, dict):
+        return {n: torch.einsum("b,b...->...", dots[n], d) for n, d in direction.items()}
+    return bp.backward(dots.view(-1, *[1] * (direction.dim() - 1)) * direction)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -910,11 +919,25 @@ def reset_parameters(module):
             m.reset_parameters()
 
 
-def set_grads(params, grads, where):
+def set_grads(params, grads):
     for p, g in zip(params, grads):
-        if not torch.isfinite(g).all():
-            raise NonFiniteError(f"non-finite update in {where}")
         p.grad = g
+
+
+def check_finite(model, loss):
+    """Raise NonFiniteError naming the loss or the first net whose update is NaN or infinite.
+    All gradients are tested in one reduction, so a GPU synchronizes once."""
+    groups = [(f"block {j}", b) for j, b in enumerate(model.blocks)]
+    groups += [(f"auxiliary net {j}", a) for j, a in enumerate(model.aux)]
+    finite = [torch.isfinite(loss)] + [torch.isfinite(p.grad).all() for _, g in groups
+                                       for p in g.parameters() if p.grad is not None]
+    if torch.stack(finite).all():
+        return
+    if not torch.isfinite(loss):
+        raise NonFiniteError(f"non-finite loss {loss.item()}")
+    for name, group in groups:
+        if not all(torch.isfinite(p.grad).all() for p in group.parameters() if p.grad is not None):
+            raise NonFiniteError(f"non-finite update in {name}")
 
 
 @dataclass
@@ -950,12 +973,14 @@ def train_step(model, x, y, cfg, measure_alignment=False):
     keep_graphs = (measure_alignment or guess_loss == "global"
                    or (cfg.target == "global" and reverse_target))
     passes, head_losses, cache = {}, {}, {}
+    released = {}  # block index -> its detached output, once its graph is released
 
     def block_pass(k):
         """Block k's ordinary forward pass, the only one that updates its BatchNorm statistics.
         Its input is a detached leaf, so gradients cross blocks only where a loss asks for them."""
         if k not in passes:
-            h = x if k == 0 else block_pass(k - 1).output
+            h = x if k == 0 else released.pop(k - 1, None)
+            h = block_pass(k - 1).output if h is None else h
             record = cfg.space == "weight" and k < J - 1 and not exact
             passes[k] = BlockPass(model.blocks[k], h.detach().requires_grad_(k > 0), record)
         return passes[k]
@@ -986,40 +1011,40 @@ def train_step(model, x, y, cfg, measure_alignment=False):
         # the auxiliary net's exact gradient, unless it is an ntk guess, which is never trained
         if cfg.guess not in ("ntk", "fixed-ntk"):
             params = list(model.aux[j].parameters())
-            set_grads(params, torch.autograd.grad(head_loss(j), params, retain_graph=True),
-                      f"auxiliary net {j}")
+            set_grads(params, torch.autograd.grad(head_loss(j), params, retain_graph=True))
         if exact:
             update = bp.backward(cotangent(j, cfg.target))
         else:
-            G_guess = guess_for_block(bp, cfg, lambda kind: cotangent(j, kind))
+            direction = guess_for_block(bp, cfg, lambda kind: cotangent(j, kind))
+            if normalize:
+                direction, zeros = unit_guess(direction)
+                zero_guesses += zeros
 
             def target_loss(h, j=j):
                 logits = model.loss_logits(j, h, cfg.target)
                 return F.cross_entropy(logits, y, reduction="none")
             G = cotangent(j, cfg.target) if cfg.engine == "autograd" else None
             with frozen_bn_stats(model):
-                dots = target_dots(bp, G_guess, cfg.space, cfg.engine, target_loss, G)
-            update, zeros = project(bp, G_guess, dots, normalize)
-            zero_guesses += zeros
-        set_grads(bp.params.values(), update.values(), f"block {j}")
+                dots = target_dots(bp, direction, cfg.space, cfg.engine, target_loss, G)
+            update = project(bp, direction, dots)
+        set_grads(bp.params.values(), update.values())
         if measure_alignment:
             true = torch.cat([g.flatten() for g in bp.backward(cotangent(j, "global")).values()])
             est = torch.cat([g.flatten() for g in update.values()])
             cosine = F.cosine_similarity(est, true, dim=0).item()
-            alignment.append((cosine, (est.norm() / true.norm()).item()))
-        block_pass(j + 1)
+            # a zero true gradient, as behind a dead block, has no direction to compare with
+            ratio = (est.norm() / true.norm()).item() if true.norm() > 0 else None
+            alignment.append((cosine, ratio))
         if not keep_graphs:
-            del passes[j]
+            released[j] = passes.pop(j).output.detach()
             head_losses.pop(j, None)
             for kind in ("local", "above", "global"):
                 cache.pop((j, kind), None)
 
     # the last block's exact gradient
     loss, last = head_loss(J - 1), block_pass(J - 1)
-    if not torch.isfinite(loss):
-        raise NonFiniteError(f"non-finite loss {loss.item()}")
-    set_grads(last.params.values(), last.backward(torch.autograd.grad(loss, last.output)[0]).values(),
-              f"block {J - 1}")
+    set_grads(last.params.values(), last.backward(torch.autograd.grad(loss, last.output)[0]).values())
+    check_finite(model, loss)
     correct = int((last.output.argmax(1) == y).sum())
     return StepResult(loss.item(), correct, zero_guesses, alignment)
 
@@ -1251,9 +1276,7 @@ class Run:
         try:
             result = train_step(self.model, x, y, self.cfg, measure)
         except NonFiniteError as e:
-            where = None
-            if str(e).startswith("non-finite loss"):
-                where = find_non_finite(self.model, x)
+            where = find_non_finite(self.model, x)
             raise NonFiniteError(f"{e} at epoch {self.epoch + 1}, step {self.step + 1}"
                                  + (f", first in {where}" if where else "")) from None
         if self.cfg.max_grad_norm:
@@ -1367,6 +1390,189 @@ class Run:
         where = f"; resume with --resume --checkpoint {self.checkpoint}" if self.checkpoint else ""
         print(f"interrupted {self.position()}{where}", flush=True)
         return 128 + self.stop_signal
+
+
+# -------------------------------------------------------------------------------------------------
+# Benchmark
+
+def benchmark_configs(which):
+    """(target, guess, space, engine) to time: backprop and local learning first."""
+    rows = [("global", "global", "-", "-"), ("local", "aux", "-", "-")]
+    pairs = [(t, g) for t in TARGETS for g in GUESSES if GUESS_LOSS[g] != t]
+    if which == "main":
+        pairs = [("global", g) for g in ("random", "ntk", "aux")]
+    return rows + [(t, g, s, e) for t, g in pairs for s in ("activation", "weight")
+                   for e in ("jvp", "autograd")]
+
+
+def forward_equivalents(cfg, p, q, tensors):
+    """The floor of one step of cfg in forward passes of the blocks: the FLOPs it must spend.
+
+    p[j] and q[j] are block j's and auxiliary net j's share of the blocks' forward FLOPs, and
+    tensors[j] is the number of parameter tensors of block j. A backward pass costs 2 forward
+    passes (input and weight gradients), 1 when only one of them is needed; a jvp costs 2 (primal
+    and tangent); per-example weight gradients and tangents cost as much as the layer's forward.
+    """
+    J = len(p)
+    downstream = {"local": lambda j: q[j],
+                  "above": lambda j: p[j + 1] + (q[j + 1] if j + 1 < J - 1 else 0),
+                  "global": lambda j: sum(p[j + 1:])}
+    trained_aux = cfg.guess not in ("ntk", "fixed-ntk")
+    total = 1 + sum(q) + 2 * p[-1] + (2 * sum(q) if trained_aux else 0)
+    guess_loss = GUESS_LOSS[cfg.guess]
+    for j in range(J - 1):
+        if guess_loss == cfg.target:
+            # the exact gradient: a backward pass through block j, and for the above loss the
+            # input gradient through block j + 1 (the global chain's is block j + 1's own pass)
+            total += 2 * p[j] + (p[j + 1] if cfg.target == "above" else 0)
+            continue
+        # guess: an input gradient through the nets between its loss and block j's output
+        total += {None: 0, "local": 0 if trained_aux else q[j], "above": p[j + 1],
+                  "global": p[j + 1]}[guess_loss]
+        # target: a jvp through its nets, or a reverse pass like the guess's
+        if cfg.engine == "jvp":
+            streams = tensors[j] if cfg.space == "weight" else 1
+            total += downstream[cfg.target](j) * (1 + streams)
+        else:
+            total += {"local": 0, "above": p[j + 1], "global": p[j + 1]}[cfg.target]
+        if cfg.space == "weight":
+            # the guess's gradients at the leaf outputs and its per-example weight gradients,
+            # then either the per-example leaf tangents and block j's primal forward (jvp) or
+            # the target's leaf gradients and per-example weight gradients (autograd)
+            total += p[j] * (0 if guess_loss is None else 2) + 2 * p[j]
+        else:
+            total += 2 * p[j]  # the projected output gradient's backward pass through block j
+    return total
+
+
+def read_proc_status(field_name):
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1]) * 1024
+    raise OSError(f"no {field_name} in /proc/self/status")
+
+
+def reset_peak_memory(device):
+    """Start a peak-memory measurement and return the current memory in bytes, or None where
+    this system cannot measure it. CPU: resident set size, whose peak Linux resets through
+    /proc/self/clear_refs; freed heap is first returned to the system so it does not hide use."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    try:
+        import ctypes
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return read_proc_status("VmRSS")
+    except OSError:
+        return None
+
+
+def peak_memory(device, start):
+    if start is None:
+        return None
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) - start
+    return read_proc_status("VmHWM") - start
+
+
+def time_steps(step, batches, device):
+    """Run step on each batch after one warm-up call; return (median seconds, peak bytes)."""
+    step(*batches[0])
+    start = reset_peak_memory(device)
+    times = []
+    for x, y in batches:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t = time.perf_counter()
+        step(x, y)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), peak_memory(device, start)
+
+
+def coupling_cosines(model, x, y):
+    """Per block: the cosine between one jvp's per-example <G_i, u_i> and the exact values, for
+    the global target and the unit aux guess, in activation space and (the lowest over the
+    block's tensors) in weight space; the BatchNorm coupling of a train-mode batch."""
+    model = copy.deepcopy(model)
+    rows, h = [], x
+    for j in range(len(model.blocks) - 1):
+        bp = BlockPass(model.blocks[j], h.detach())
+
+        def loss_fn(out, j=j):
+            return F.cross_entropy(model.loss_logits(j, out, "global"), y, reduction="none")
+        G = torch.autograd.grad(loss_fn(bp.output).mean(), bp.output, retain_graph=True)[0]
+        aux = torch.autograd.grad(F.cross_entropy(model.aux[j](bp.output), y), bp.output,
+                                  retain_graph=True)[0]
+        row = []
+        for space, guess in (("activation", aux), ("weight", bp.weight_slices(aux))):
+            u = unit_guess(guess)[0]
+            with frozen_bn_stats(model):
+                one = target_dots(bp, u, space, "jvp", loss_fn)
+            exact = target_dots(bp, u, space, "autograd", cotangent=G)
+            if space == "activation":
+                one, exact = {"output": one}, {"output": exact}
+            row.append(min(F.cosine_similarity(one[n], exact[n], dim=0).item() for n in one))
+        rows.append(row)
+        h = bp.output
+    return rows
+
+
+def benchmark(run):
+    """Time every estimator on the same batches, print a Markdown table and return 0."""
+    cfg, data, device = run.cfg, run.data, run.device
+    g = torch.Generator().manual_seed(cfg.seed)
+    batches = []
+    for _ in range(cfg.benchmark_steps):
+        idx = torch.randint(len(data.train_x), (cfg.batch_size,), generator=g)
+        batches.append(prepare_batch(data, data.train_x[idx], data.train_y[idx], device, False))
+    model = run.model
+    p, q = block_flops(model, tuple(data.train_x.shape[1:]))
+    p, q = [f / sum(p) for f in p], [f / sum(p) for f in q]
+    tensors = [len(list(b.parameters())) for b in model.blocks]
+
+    def forward(x, y):
+        with torch.no_grad(), frozen_bn_stats(model):
+            model(x)
+    t_forward, _ = time_steps(forward, batches, device)
+    print(f"benchmark: {cfg.blocks} blocks, width {cfg.width}, batch {cfg.batch_size}, median of "
+          f"{cfg.benchmark_steps} steps after 1 warm-up, {device} ({describe_hardware(device)}), "
+          f"torch {torch.__version__}; one forward pass of the blocks: {t_forward * 1e3:.1f} ms")
+    print("\n| target | guess | space | engine | ms/step | x backprop | floor (forward passes) "
+          "| x floor | peak MB | x backprop |\n|---|---|---|---|---|---|---|---|---|---|")
+    reference = None
+    for target, guess, space, engine in benchmark_configs(cfg.benchmark_configs):
+        step_cfg = dataclasses.replace(cfg, target=target, guess=guess,
+                                       space=space if space != "-" else "activation",
+                                       engine=engine if engine != "-" else "autograd")
+        trial = copy.deepcopy(model)
+        optimizer = torch.optim.SGD(trial.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+
+        def step(x, y):
+            optimizer.zero_grad(set_to_none=True)
+            train_step(trial, x, y, step_cfg)
+            optimizer.step()
+        seconds, peak = time_steps(step, batches, device)
+        reference = reference or (seconds, peak)
+        floor = forward_equivalents(step_cfg, p, q, tensors)
+        memory = "n/a | n/a" if peak is None else (
+            f"{peak / 2**20:.0f} | {peak / max(reference[1], 1):.2f}")
+        print(f"| {target} | {guess} | {space} | {engine} | {seconds * 1e3:.0f} | "
+              f"{seconds / reference[0]:.2f} | {floor:.1f} | {seconds / (floor * t_forward):.2f} "
+              f"| {memory} |", flush=True)
+        del trial, optimizer
+    print("\nper-example <G_i, u_i> of the global target along the unit aux guess: cosine between "
+          "one jvp and the exact values, on the first batch in train mode\n\n"
+          "| block | activation space | weight space (lowest over tensors) |\n|---|---|---|")
+    for j, (act, weight) in enumerate(coupling_cosines(model, *batches[0])):
+        print(f"| {j} | {act:.3f} | {weight:.3f} |")
+    return 0
 
 
 # -------------------------------------------------------------------------------------------------

@@ -221,15 +221,30 @@ def vectors(dim):
     return st.lists(st.floats(-1e3, 1e3, allow_subnormal=False), min_size=dim, max_size=dim)
 
 
-@given(st.lists(vectors(5), min_size=1, max_size=4), st.data())
-def test_projection_never_ascent(G_rows, data):
-    G = torch.tensor(G_rows, dtype=torch.float64)
-    G_guess = torch.tensor(data.draw(st.lists(vectors(5), min_size=len(G_rows),
-                                              max_size=len(G_rows))), dtype=torch.float64)
-    c, _ = fg.projection_coefficients((G * G_guess).sum(1), fg.guess_sq_norms(G_guess))
-    g_hat = c[:, None] * G_guess
+@given(st.lists(st.tuples(vectors(5), vectors(5)), min_size=1, max_size=4))
+@example([([1.0, 0, 0, 0, 0], [0.0] * 5), ([2.0, 0, 0, 0, 0], [-3.0, 0, 0, 0, 0])])
+def test_projection_never_ascent(rows):
+    """Rows of (G_i, G~_i); the pinned example has a zero guess beside an antiparallel one."""
+    G = torch.tensor([g for g, _ in rows], dtype=torch.float64)
+    G_guess = torch.tensor([h for _, h in rows], dtype=torch.float64)
+    u, zeros = fg.unit_guess(G_guess)
+    g_hat = (G * u).sum(1, keepdim=True) * u
     assert torch.isfinite(g_hat).all()
     assert ((g_hat * G).sum(1) >= 0).all()
+    # the same as <G, G~> / ||G~||^2 G~ wherever the guess is nonzero
+    sq_norms = G_guess.pow(2).sum(1, keepdim=True)
+    nonzero = sq_norms[:, 0] > 0
+    assert zeros == int((~nonzero).sum())
+    formula = (G * G_guess).sum(1, keepdim=True) / sq_norms * G_guess
+    if nonzero.any():
+        assert_agree(g_hat[nonzero], formula[nonzero], 8 * EPS64)
+    assert torch.equal(g_hat[~nonzero], torch.zeros_like(g_hat[~nonzero]))
+
+
+def projected_update(bp, G_guess, space, engine, loss_fn=None, cotangent=None, exact=False):
+    """The projection estimator's update for one block, as train_step computes it."""
+    u, _ = fg.unit_guess(G_guess)
+    return fg.project(bp, u, fg.target_dots(bp, u, space, engine, loss_fn, cotangent, exact))
 
 
 @given(block_cases(), spaces(), st.sampled_from(["jvp", "autograd"]))
@@ -240,9 +255,8 @@ def test_projection_guess_equals_target(case, space, engine):
     G_guess = guess_gradient(model, bp, y, case, space)
     with fg.frozen_bn_stats(model):
         cot = target_cotangent(model, bp, y, case, "local")
-        dots = fg.target_dots(bp, G_guess, space, engine, case.loss_fn(model, y, "local"), cot,
-                              exact=True)
-        update, _ = fg.project(bp, G_guess, dots)
+        update = projected_update(bp, G_guess, space, engine, case.loss_fn(model, y, "local"),
+                                  cot, exact=True)
     assert_agree(flat(update), flat(bp.backward(cot)))
 
 
@@ -253,26 +267,27 @@ def test_projection_scale_invariant(case, space, scale):
     model, bp, y = case.build()
     G_guess = guess_gradient(model, bp, y, case, space)
     cot = target_cotangent(model, bp, y, case, "global")
-
-    def update_for(guess):
-        dots = fg.target_dots(bp, guess, space, "autograd", cotangent=cot)
-        return fg.project(bp, guess, dots)[0]
     scaled = ({n: scale * g for n, g in G_guess.items()} if space == "weight"
               else scale * G_guess)
-    assert_agree(flat(update_for(scaled)), flat(update_for(G_guess)))
+    assert_agree(flat(projected_update(bp, scaled, space, "autograd", cotangent=cot)),
+                 flat(projected_update(bp, G_guess, space, "autograd", cotangent=cot)))
 
 
 def test_projection_zero_guess_gives_zero_update():
-    dots = torch.tensor([0.0, 2.0, 0.0], dtype=torch.float64)
-    norms = torch.tensor([0.0, 4.0, 0.0], dtype=torch.float64)
-    c, zeros = fg.projection_coefficients(dots, norms)
-    assert zeros == 2
-    assert c.tolist() == [0.0, 0.5, 0.0]
     model, bp, y = FIXED_CASE.build()
-    G_guess = torch.zeros_like(bp.output)
-    update, zeros = fg.project(bp, G_guess, torch.zeros(FIXED_CASE.batch, dtype=torch.float64))
+    G_guess = torch.randn_like(bp.output)
+    G_guess[1] = 0
+    u, zeros = fg.unit_guess(G_guess)
+    assert zeros == 1
+    assert torch.equal(u[1], torch.zeros_like(u[1]))
+    norms = u.flatten(1).norm(dim=1)
+    assert_agree(norms[[0, 2, 3]], torch.ones(3, dtype=torch.float64))
+    # a batch of zero guesses moves nothing and makes no NaN
+    u, zeros = fg.unit_guess(torch.zeros_like(bp.output))
     assert zeros == FIXED_CASE.batch
-    assert all(torch.equal(u, torch.zeros_like(u)) for u in update.values())
+    cot = target_cotangent(model, bp, y, FIXED_CASE, "global")
+    update = fg.project(bp, u, fg.target_dots(bp, u, "activation", "autograd", cotangent=cot))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in update.values())
 
 
 # -------------------------------------------------------------------------------------------------
@@ -295,11 +310,15 @@ def random_updates(space, noise, normalize, draws=MC_DRAWS):
     for _ in range(draws):
         if space == "weight":
             guess = {n: fg.random_guess((B, *p.shape), noise, p) for n, p in bp.params.items()}
-            dots = {n: (slices[n] * v).flatten(1).sum(1) for n, v in guess.items()}
         else:
             guess = fg.random_guess(bp.output.shape, noise, bp.output)
+        if normalize:  # the projection form <G, v> / ||v||^2 v
+            guess, _ = fg.unit_guess(guess)
+        if space == "weight":
+            dots = {n: (slices[n] * v).flatten(1).sum(1) for n, v in guess.items()}
+        else:
             dots = (slices * guess).flatten(1).sum(1)
-        updates.append(flat(fg.project(bp, guess, dots, normalize)[0]))
+        updates.append(flat(fg.project(bp, guess, dots)))
     return torch.stack(updates), flat(bp.backward(cot)), bp
 
 
@@ -625,3 +644,61 @@ def test_fashion_mnist_short_run_above_chance(tmp_path):
     # 10 balanced classes: chance is 10%. With 8,000 examples the final classifier's running
     # BatchNorm statistics settle within the epoch; with 2,000 it stayed near chance.
     assert results["final_test_accuracy"] > 30
+
+
+# -------------------------------------------------------------------------------------------------
+# Benchmark
+
+def test_floor_of_backprop_is_three_forward_passes_plus_aux():
+    p = [0.2, 0.1, 0.3, 0.15, 0.25]
+    q = [0.01, 0.02, 0.005, 0.03, 0.0]
+    cfg = fg.Config(target="global", guess="global")
+    # forward, backward (2), and each auxiliary net's forward and backward
+    assert fg.forward_equivalents(cfg, p, q, [3] * 5) == pytest.approx(3 + 3 * sum(q))
+    # the global target in activation space adds a jvp (2 passes) from every block to the end
+    jvp_cfg = fg.Config(target="global", guess="aux", space="activation", engine="jvp")
+    depth_weighted = sum(2 * sum(p[j + 1:]) for j in range(4))
+    assert fg.forward_equivalents(jvp_cfg, p, q, [3] * 5) == pytest.approx(3 + 3 * sum(q)
+                                                                           + depth_weighted)
+
+
+def markdown_rows(text, header_start):
+    """The rows of the Markdown table whose header starts with header_start, as lists."""
+    lines = text.split(header_start, 1)[1].splitlines()[2:]
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows
+
+
+def test_benchmark_prints_table_with_ratios(tmp_path):
+    out = run_fg("--benchmark", "--dataset", "synthetic", "--width", "2", "--batch-size", "8",
+                 "--benchmark-steps", "1", "--benchmark-configs", "main", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    rows = markdown_rows(out.stdout, "| target | guess |")
+    assert [r[:2] for r in rows[:2]] == [["global", "global"], ["local", "aux"]]
+    assert len(rows) == 2 + 3 * 2 * 2
+    assert rows[0][5] == "1.00"
+    for row in rows:
+        ms, ratio, floor, over_floor = map(float, row[4:8])
+        assert ms > 0
+        assert ratio == pytest.approx(ms / float(rows[0][4]), rel=0.02, abs=0.01)
+        assert floor >= 3
+        assert over_floor > 0
+    coupling = markdown_rows(out.stdout, "| block |")
+    assert [int(r[0]) for r in coupling] == list(range(7))
+    assert all(-1 <= float(c) <= 1 for r in coupling for c in r[1:])
+
+
+def test_readme_example_runs(tmp_path):
+    text = open(os.path.join(HERE, "README.md")).read()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "example.py"
+    script.write_text(code + "\nprint(sorted(update))\n")
+    env = {**os.environ, "PYTHONPATH": HERE}
+    out = subprocess.run([sys.executable, str(script)], cwd=tmp_path, env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['0.bias', '0.weight', '1.bias', '1.weight']"
