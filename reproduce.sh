@@ -87,7 +87,8 @@ Options:
                      to DIR/full, DIR/small or DIR/smoke
   --data-dir DIR     dataset folder (default: data for CIFAR-10, which is downloaded there,
                      and /usr/share/datasets/fashion-mnist for --small)
-  --gpus LIST        comma-separated CUDA device numbers; one run per device at a time
+  --gpus LIST        comma-separated CUDA device numbers; one run per device at a time,
+                     so 0,0,1,1 runs two at a time on each of GPUs 0 and 1
   --jobs N           runs at a time on CPU (default: the number of cores), each with
                      cores / N threads unless OMP_NUM_THREADS is set
   --print-commands   print one fg.py command per run and exit
@@ -174,7 +175,9 @@ build_command() {  # blocks aux target guess space seed device
     --engine jvp
     --epochs "$EPOCHS"
     --batch-size "$BATCH"
+    --lr 0.05
     --lr-step "$LR_STEP"
+    --lr-decay 0.2
     --seed "$6"
     --device "$7"
     --log-alignment "$align"
@@ -429,10 +432,11 @@ start_run() {  # index spec
   build_command "${run[@]}" "$device"
   [[ -f $RUN_DIR/$name.pt ]] && verb=resume
   echo "[$1/${#PENDING[@]}] $verb $name on $device"
+  # stdin from /dev/null: a run in a background process group that read the terminal would stop
   if [[ $device == cpu ]]; then
-    OMP_NUM_THREADS=$THREADS "${CMD[@]}" >>"$RUN_DIR/$name.log" 2>&1 &
+    OMP_NUM_THREADS=$THREADS "${CMD[@]}" </dev/null >>"$RUN_DIR/$name.log" 2>&1 &
   else
-    "${CMD[@]}" >>"$RUN_DIR/$name.log" 2>&1 &
+    "${CMD[@]}" </dev/null >>"$RUN_DIR/$name.log" 2>&1 &
   fi
   RUN_NAME[$!]=$name
   RUN_DEVICE[$!]=$device

@@ -232,8 +232,11 @@ def test_print_commands_lists_full_grid(tmp_path):
         assert argv[0] == sys.executable
         assert argv[1] == os.path.join(ROOT, "fg.py")
         cfg = fg.parse_args(argv[2:])
-        assert (cfg.dataset, cfg.width, cfg.epochs, cfg.batch_size, cfg.lr_step) == (
-            "cifar10", 64, 100, 128, 30)
+        assert cfg.dataset == "cifar10"
+        assert cfg.width == 64
+        assert cfg.epochs == 100
+        assert (cfg.batch_size, cfg.lr, cfg.lr_step, cfg.lr_decay) == (128, 0.05, 30, 0.2)
+        assert cfg.engine == "jvp"
         assert cfg.resume
         name = name_of(cfg.blocks, cfg.aux, cfg.target, cfg.guess, cfg.space, cfg.seed)
         assert cfg.out == str(tmp_path / "full" / f"{name}.json")
