@@ -27,6 +27,7 @@ import gzip
 import io
 import json
 import math
+import multiprocessing
 import os
 import pickle
 import platform
@@ -810,13 +811,17 @@ class BlockPass:
         return {n: torch.zeros_like(p) if g is None else g
                 for (n, p), g in zip(self.params.items(), grads)}
 
-    def weight_slices(self, cotangent):
-        """Return {name: (B, *shape)}: each example's slice of the parameter gradient, from the
-        cotangent at the block output (the gradient of the batch mean loss there)."""
+    def leaf_gradients(self, cotangent):
+        """Return {leaf module: gradient at its output} for the cotangent at the block output."""
         modules = list(self.leaves)
         grads = torch.autograd.grad(self.output, [self.leaves[m][1] for m in modules], cotangent,
                                     retain_graph=True)
-        grad_of = dict(zip(modules, grads))
+        return dict(zip(modules, grads))
+
+    def weight_slices(self, cotangent):
+        """Return {name: (B, *shape)}: each example's slice of the parameter gradient, from the
+        cotangent at the block output (the gradient of the batch mean loss there)."""
+        grad_of = self.leaf_gradients(cotangent)
         slices = {}
         for name, (m, local) in self.leaf_of.items():
             x, g = self.leaves[m][0], grad_of[m]
@@ -893,8 +898,11 @@ def target_dots(bp, G_guess, space, engine, loss_fn=None, cotangent=None, exact=
             return (cotangent * G_guess).flatten(1).sum(1)
         return jvp_per_example(loss_fn, (bp.output.detach(),), (G_guess,), exact)
     if engine == "autograd":
-        slices = bp.weight_slices(cotangent)
-        return {n: (slices[n] * G_guess[n]).flatten(1).sum(1) for n in G_guess}
+        # <G_i, G~_i> = <g_i, t_i>, g the gradient at the leaf's output and t_i the output
+        # tangent of G~_i: one grouped forward convolution instead of per-example gradients
+        grads = bp.leaf_gradients(cotangent)
+        return {n: (grads[bp.leaf_of[n][0]] * bp.weight_tangent(n, G_guess[n])).flatten(1).sum(1)
+                for n in G_guess}
     return weight_space_jvp_dots(bp, G_guess, loss_fn, exact)
 
 
@@ -1119,9 +1127,9 @@ def checkpoint_path(cfg):
     return os.path.join("checkpoints", name + ".pt")
 
 
-# settings that may differ between a checkpoint and the run that resumes it
+# settings that may differ between a checkpoint and the run that resumes it; the data may move
 RESUMABLE_CHANGES = {"epochs", "out", "checkpoint", "resume", "device", "log_alignment",
-                     "log_steps"}
+                     "log_steps", "data_dir"}
 
 
 def resolve_device(name):
@@ -1456,7 +1464,7 @@ def read_proc_status(field_name):
 def reset_peak_memory(device):
     """Start a peak-memory measurement and return the current memory in bytes, or None where
     this system cannot measure it. CPU: resident set size, whose peak Linux resets through
-    /proc/self/clear_refs; freed heap is first returned to the system so it does not hide use."""
+    /proc/self/clear_refs; freed heap is first returned to the system so it does not count."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -1481,9 +1489,8 @@ def peak_memory(device, start):
 
 
 def time_steps(step, batches, device):
-    """Run step on each batch after one warm-up call; return (median seconds, peak bytes)."""
+    """Run step on each batch after one warm-up call; return the median seconds."""
     step(*batches[0])
-    start = reset_peak_memory(device)
     times = []
     for x, y in batches:
         if device.type == "cuda":
@@ -1493,7 +1500,52 @@ def time_steps(step, batches, device):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t)
-    return statistics.median(times), peak_memory(device, start)
+    return statistics.median(times)
+
+
+def measure_step_memory(connection, step_cfg, state, x, y, classes):
+    """Run in a fresh process: one warm-up step, then send the peak bytes of one more step."""
+    torch.manual_seed(step_cfg.seed)
+    model = BlockwiseResNet(step_cfg.blocks, step_cfg.width, x.shape[1], classes, step_cfg.aux)
+    model.load_state_dict(state)
+    optimizer = torch.optim.SGD(model.parameters(), lr=step_cfg.lr, momentum=step_cfg.momentum)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        train_step(model, x, y, step_cfg)
+        optimizer.step()
+    step()
+    start = reset_peak_memory(torch.device("cpu"))
+    step()
+    connection.send(peak_memory(torch.device("cpu"), start))
+
+
+def cpu_peak_memory(step_cfg, model, batch, classes):
+    """Peak resident memory in bytes that one step adds above the model and its optimizer state,
+    measured in a fresh process so that no heap left by other steps hides or inflates it.
+    glibc maps every block over 128 KiB on its own there, so freed memory leaves the resident
+    set at once (MALLOC_MMAP_THRESHOLD_). Returns None where this cannot be measured."""
+    context = multiprocessing.get_context("spawn")
+    receiver, sender = context.Pipe(duplex=False)
+    state = {k: v.cpu() for k, v in model.state_dict().items()}
+    saved = os.environ.get("MALLOC_MMAP_THRESHOLD_")
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    try:
+        child = context.Process(target=measure_step_memory, args=(
+            sender, step_cfg, state, batch[0].cpu(), batch[1].cpu(), classes))
+        child.start()
+    finally:
+        if saved is None:
+            del os.environ["MALLOC_MMAP_THRESHOLD_"]
+        else:
+            os.environ["MALLOC_MMAP_THRESHOLD_"] = saved
+    sender.close()
+    try:
+        peak = receiver.recv()
+    except EOFError:  # the child failed; its traceback is on stderr
+        peak = None
+    child.join()
+    return peak
 
 
 def coupling_cosines(model, x, y):
@@ -1540,7 +1592,7 @@ def benchmark(run):
     def forward(x, y):
         with torch.no_grad(), frozen_bn_stats(model):
             model(x)
-    t_forward, _ = time_steps(forward, batches, device)
+    t_forward = time_steps(forward, batches, device)
     print(f"benchmark: {cfg.blocks} blocks, width {cfg.width}, batch {cfg.batch_size}, median of "
           f"{cfg.benchmark_steps} steps after 1 warm-up, {device} ({describe_hardware(device)}), "
           f"torch {torch.__version__}; one forward pass of the blocks: {t_forward * 1e3:.1f} ms")
@@ -1558,7 +1610,13 @@ def benchmark(run):
             optimizer.zero_grad(set_to_none=True)
             train_step(trial, x, y, step_cfg)
             optimizer.step()
-        seconds, peak = time_steps(step, batches, device)
+        seconds = time_steps(step, batches, device)
+        if device.type == "cuda":
+            start = reset_peak_memory(device)
+            step(*batches[0])
+            peak = peak_memory(device, start)
+        else:
+            peak = cpu_peak_memory(step_cfg, model, batches[0], data.classes)
         reference = reference or (seconds, peak)
         floor = forward_equivalents(step_cfg, p, q, tensors)
         memory = "n/a | n/a" if peak is None else (
