@@ -1621,7 +1621,7 @@ def benchmark(run):
         floor = forward_equivalents(step_cfg, p, q, tensors)
         memory = "n/a | n/a" if peak is None else (
             f"{peak / 2**20:.0f} | {peak / max(reference[1], 1):.2f}")
-        print(f"| {target} | {guess} | {space} | {engine} | {seconds * 1e3:.0f} | "
+        print(f"| {target} | {guess} | {space} | {engine} | {seconds * 1e3:.1f} | "
               f"{seconds / reference[0]:.2f} | {floor:.1f} | {seconds / (floor * t_forward):.2f} "
               f"| {memory} |", flush=True)
         del trial, optimizer

@@ -684,7 +684,8 @@ def test_benchmark_prints_table_with_ratios(tmp_path):
     for row in rows:
         ms, ratio, floor, over_floor = map(float, row[4:8])
         assert ms > 0
-        assert ratio == pytest.approx(ms / float(rows[0][4]), rel=0.02, abs=0.01)
+        # both columns are rounded, ms/step to 0.1 ms and the ratio to 0.01
+        assert ratio == pytest.approx(ms / float(rows[0][4]), rel=0.03, abs=0.01)
         assert floor >= 3
         assert over_floor > 0
     coupling = markdown_rows(out.stdout, "| block |")

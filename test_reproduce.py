@@ -191,7 +191,7 @@ def test_rerun_resumes_interrupted_run(rerun):
     assert "14 finished, 2 to run" in output
     assert re.search(rf"^\[\d/2\] resume {interrupted} on cpu$", output, re.MULTILINE)
     log = (folder / f"{interrupted}.log").read_text()
-    assert f"resumed from {folder / interrupted}.pt at epoch 2" in log
+    assert f"resumed from {folder / interrupted}.pt at the end of epoch 1" in log
     # the run trained its one epoch before the interruption and not again after it
     assert len(re.findall(r"^epoch +1/1 ", log, re.MULTILINE)) == 1
     assert load_result(folder, interrupted)["status"] == "complete"
