@@ -46,7 +46,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-from torch.func import grad as func_grad
 from torch.func import jvp, vmap
 
 # torch 2.14 builds its forward-mode decompositions with torch.jit.script on the first jvp, which
@@ -675,8 +674,9 @@ def random_guess(shape, noise, like):
 
     With v as the guess, <G, v> v is an unbiased estimate of G whose variance per coordinate k is
     ||G||^2 + G_k^2 (Gaussian) or ||G||^2 - G_k^2 (Rademacher), so it grows with the dimension.
-    The projection form <G, v> / ||v||^2 v has mean G / d for d coordinates (exactly d for
-    Rademacher noise, in expectation by symmetry for Gaussian), a bias by a factor of 1/d.
+    The projection form <G, v> / ||v||^2 v has mean G / d for d coordinates, a bias by a factor
+    of 1/d: E[v v^T / ||v||^2] = I / d, by symmetry for Gaussian noise and because ||v||^2 = d
+    for Rademacher noise.
     """
     if noise == "rademacher":
         return torch.randint(0, 2, shape, device=like.device).to(like.dtype) * 2 - 1
@@ -685,7 +685,8 @@ def random_guess(shape, noise, like):
 
 @contextlib.contextmanager
 def frozen_bn_stats(*modules):
-    """Stop train-mode BatchNorm layers from updating their running statistics inside the block.
+    """Keep the BatchNorm layers of `modules` from updating their running statistics while the
+    with-statement runs; train-mode layers still normalize with the batch statistics.
 
     torch.func.jvp rejects the in-place update of a captured buffer (pytorch issue 85533), so the
     jvp calls run with tracking off and the statistics are updated by the ordinary forward pass.
@@ -872,7 +873,7 @@ class BlockPass:
 
 
 def weight_space_jvp_dots(bp, G_guess, loss_fn, exact=False):
-    """{name: <G_i, G~_i>} for every parameter tensor of the block, by forward mode.
+    """Return {name: <G_i, G~_i>} for every parameter tensor of the block, by forward mode.
 
     Each tensor is one tangent stream, injected at its leaf's output; the streams are vmapped,
     so the primal forward runs once for all of them.
@@ -882,8 +883,8 @@ def weight_space_jvp_dots(bp, G_guess, loss_fn, exact=False):
     deltas, loss_with = bp.perturbed(loss_fn)
     streams = []  # per leaf: (streams, B, ...) tangents, zero in the streams of other tensors
     for m, delta in zip(modules, deltas):
-        rows = [bp.weight_tangent(n, G_guess[n]) if bp.leaf_of[n][0] is m
-                else torch.zeros_like(delta).expand(delta.shape) for n in names]
+        rows = [bp.weight_tangent(n, G_guess[n]) if bp.leaf_of[n][0] is m else delta
+                for n in names]  # delta is zero
         streams.append(torch.stack(rows))
     dots = vmap(lambda *t: jvp_per_example(loss_with, deltas, t, exact))(*streams)
     return dict(zip(names, dots))
@@ -1624,7 +1625,6 @@ def benchmark(run):
         print(f"| {target} | {guess} | {space} | {engine} | {seconds * 1e3:.1f} | "
               f"{seconds / reference[0]:.2f} | {floor:.1f} | {seconds / (floor * t_forward):.2f} "
               f"| {memory} |", flush=True)
-        del trial, optimizer
     print("\nper-example <G_i, u_i> of the global target along the unit aux guess: cosine between "
           "one jvp and the exact values, on the first batch in train mode\n\n"
           "| block | activation space | weight space (lowest over tensors) |\n|---|---|---|")

@@ -1,5 +1,5 @@
 """Property tests for fg.py: the estimators agree with a float64 autograd oracle, are unbiased
-where theory says so, and whole training steps reduce to backprop and local learning.
+where theory predicts it, and whole training steps reduce to backprop and local learning.
 
 Run: python -m pytest -q            (ci profile: derandomized, a few examples per property)
      python -m pytest -q --hypothesis-profile=fuzz     (many fresh examples)
@@ -33,8 +33,8 @@ EPS64 = torch.finfo(torch.float64).eps
 # models, so rounding stays below 1e4 * eps (2.2e-12) relative to the compared vector's magnitude.
 EXACT_RTOL = 1e4 * EPS64
 # Per-example values of one jvp under train-mode BatchNorm carry the other examples' tangents.
-# Measured on 14 random models per size at batch 32 and 64, the cosine with the exact values was
-# at least 0.89 at the block output and 0.62 per parameter tensor; the bounds keep a margin.
+# On 14 random models per size at batch 32 and 64, the cosine with the exact values was at least
+# 0.89 at the block output and 0.62 per parameter tensor. The bounds keep a margin below those.
 COUPLED_COSINE_BOUND = {"activation": 0.8, "weight": 0.5}
 # Monte Carlo checks accept |mean - expected| <= z * std / sqrt(draws) per coordinate, with z set
 # so that an unbiased estimator fails with probability at most 1e-4 over all coordinates.
@@ -202,7 +202,7 @@ def test_weight_slices_sum_to_batch_gradient(case, target):
     assert_agree(flat({n: s.sum(0) for n, s in slices.items()}), flat(bp.backward(cot)))
 
 
-def test_weight_slices_match_per_example_gradients_in_eval_mode():
+def test_weight_slices_eval_mode_per_example():
     case = dataclass_replace(FIXED_CASE, train=False)
     model, bp, y = case.build()
     slices = bp.weight_slices(target_cotangent(model, bp, y, case, "global"))
@@ -649,7 +649,7 @@ def test_fashion_mnist_short_run_above_chance(tmp_path):
 # -------------------------------------------------------------------------------------------------
 # Benchmark
 
-def test_floor_of_backprop_is_three_forward_passes_plus_aux():
+def test_floor_backprop_three_passes():
     p = [0.2, 0.1, 0.3, 0.15, 0.25]
     q = [0.01, 0.02, 0.005, 0.03, 0.0]
     cfg = fg.Config(target="global", guess="global")

@@ -158,14 +158,6 @@ def test_parse_args_accepts_exactly_valid_integers(setting):
         assert f"invalid value for {flag}: {value}; expected" in stderr
 
 
-def test_cli_help_lists_every_setting():
-    help_text = subprocess.run([sys.executable, "fg.py", "--help"], capture_output=True, text=True,
-                               cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert help_text.returncode == 0
-    for setting in fg.dataclasses.fields(fg.Config):
-        assert "--" + setting.name.replace("_", "-") in help_text.stdout
-
-
 def test_parse_args_rejects_data_dir_that_is_file(tmp_path):
     path = tmp_path / "data.tar"
     path.write_bytes(b"")
