@@ -24,6 +24,7 @@ import contextlib
 import copy
 import dataclasses
 import gzip
+import hashlib
 import io
 import json
 import math
@@ -195,12 +196,19 @@ def device_problem(name):
 
 def path_problem(cfg):
     """Return a message if a file or folder setting cannot work, or None."""
-    if os.path.isfile(cfg.data_dir):
+    if cfg.dataset != "synthetic" and os.path.isfile(cfg.data_dir):
         return f"invalid value for --data-dir: {cfg.data_dir} is a file; expected a folder"
     checkpoint = checkpoint_path(cfg)
     for flag, path in (("--out", cfg.out), ("--checkpoint", checkpoint)):
         if path and os.path.isdir(path):
             return f"invalid value for {flag}: {path} is a folder; expected a file name"
+        # a rename would replace a device, a pipe or a socket at that path with a plain file
+        if path and os.path.exists(path) and not os.path.isfile(path):
+            return (f"invalid value for {flag}: {path} is not a regular file; expected a file "
+                    "name")
+    if cfg.out and checkpoint and os.path.realpath(cfg.out) == os.path.realpath(checkpoint):
+        return (f"invalid value for --out: {cfg.out} is also the checkpoint file; choose "
+                "different files for --out and --checkpoint")
     if cfg.resume and checkpoint is None:
         return "--resume needs a checkpoint file; remove --checkpoint none"
     # Starting over would replace the checkpoint of an earlier run after one epoch.
@@ -779,12 +787,15 @@ class BlockPass:
                 own = list(module.named_parameters(recurse=False))
                 if not own:
                     continue
-                if not isinstance(module, PARAMETRIC_LEAVES) or getattr(
-                        module, "padding_mode", "zeros") != "zeros":
+                padding = getattr(module, "padding", ())
+                if (not isinstance(module, PARAMETRIC_LEAVES)
+                        or getattr(module, "padding_mode", "zeros") != "zeros"
+                        or isinstance(padding, str)):
                     where = prefix or "the block itself"
                     raise TypeError(f"weight-space estimators do not support {where} "
                                     f"({type(module).__name__}); supported leaves: Conv2d with "
-                                    "zero padding, Linear, BatchNorm1d and BatchNorm2d")
+                                    "numeric zero padding, Linear, BatchNorm1d and BatchNorm2d. "
+                                    "For activation space alone, pass record_leaves=False")
                 for local, _ in own:
                     self.leaf_of[f"{prefix}.{local}" if prefix else local] = (module, local)
                 hooks.append(module.register_forward_hook(self._record))
@@ -826,16 +837,15 @@ class BlockPass:
         slices = {}
         for name, (m, local) in self.leaf_of.items():
             x, g = self.leaves[m][0], grad_of[m]
-            spatial = list(range(2, g.dim()))
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                slices[name] = ((g * self.normalized_input(m)).sum(spatial) if local == "weight"
-                                else g.sum(spatial))
-            elif isinstance(m, nn.Linear):
+            if isinstance(m, nn.Linear):
                 slices[name] = (torch.einsum("b...o,b...i->boi", g, x) if local == "weight"
-                                else g.sum(list(range(1, g.dim() - 1))))
-            else:
-                slices[name] = (per_example_conv_grads(m, x, g) if local == "weight"
-                                else g.sum(spatial))
+                                else torch.einsum("b...o->bo", g))
+            elif isinstance(m, nn.Conv2d) and local == "weight":
+                slices[name] = per_example_conv_grads(m, x, g)
+            elif isinstance(m, nn.modules.batchnorm._BatchNorm) and local == "weight":
+                slices[name] = torch.einsum("bc...->bc", g * self.normalized_input(m))
+            else:  # a bias of a conv or a BatchNorm layer: channels in dimension 1
+                slices[name] = torch.einsum("bc...->bc", g)
         return slices
 
     def weight_tangent(self, name, V):
@@ -1084,8 +1094,10 @@ class WriteError(Exception):
 
 def atomic_write(path, write):
     """Write a file through a temporary file and a rename, so a crash never leaves half of it.
-    Raises WriteError on failure, and the previous version of the file is then unchanged."""
-    folder = os.path.dirname(os.path.abspath(path))
+    Raises WriteError on failure, and the previous version of the file is then unchanged.
+    A symbolic link is followed, so the file it points to is replaced, not the link."""
+    path = os.path.realpath(path)
+    folder = os.path.dirname(path)
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
@@ -1123,14 +1135,18 @@ def checkpoint_path(cfg):
         return None
     if cfg.checkpoint != "auto":
         return cfg.checkpoint
+    # the digest covers every other setting a resumed run must share, so runs that differ in
+    # any of them, such as --lr or --train-subset, get different files
+    fixed = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
+    digest = hashlib.sha1(json.dumps(fixed, sort_keys=True).encode()).hexdigest()[:8]
     name = (f"{cfg.dataset}-b{cfg.blocks}-w{cfg.width}-{cfg.aux}-{cfg.target}-{cfg.guess}-"
-            f"{cfg.space}-{cfg.engine}-s{cfg.seed}")
+            f"{cfg.space}-{cfg.engine}-s{cfg.seed}-{digest}")
     return os.path.join("checkpoints", name + ".pt")
 
 
 # settings that may differ between a checkpoint and the run that resumes it; the data may move
 RESUMABLE_CHANGES = {"epochs", "out", "checkpoint", "resume", "device", "log_alignment",
-                     "log_steps", "data_dir"}
+                     "log_steps", "data_dir", "benchmark", "benchmark_steps", "benchmark_configs"}
 
 
 def resolve_device(name):
@@ -1228,7 +1244,8 @@ class Run:
         # weights_only: a checkpoint contains tensors and plain values, so loading it runs no code
         try:
             state = torch.load(self.checkpoint, map_location=self.device, weights_only=True)
-            missing = {"model", "optimizer", "config", "epoch", "step", "rng"} - set(state)
+            missing = {"model", "optimizer", "scheduler", "config", "epoch", "step", "totals",
+                       "history", "alignment", "rng", "cuda_rng"} - set(state)
         except Exception as e:  # any unreadable checkpoint gets the same advice
             raise DataError(f"{self.checkpoint}: cannot load the checkpoint "
                             f"({type(e).__name__}: {e}); delete it to start from scratch") from None
@@ -1247,16 +1264,19 @@ class Run:
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
-        except (RuntimeError, ValueError) as e:
-            raise DataError(f"{self.checkpoint}: the saved weights do not fit the model ({e}); "
-                            "choose another --checkpoint") from None
-        self.scheduler.load_state_dict(state["scheduler"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            if not (isinstance(state["epoch"], int) and isinstance(state["step"], int)):
+                raise TypeError(f"epoch {state['epoch']!r} and step {state['step']!r} are not "
+                                "integers")
+            torch.set_rng_state(state["rng"].cpu())
+            if state["cuda_rng"] and torch.cuda.is_available():
+                torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+        except (RuntimeError, ValueError, TypeError, AttributeError, KeyError) as e:
+            raise DataError(f"{self.checkpoint}: the saved state does not fit this run "
+                            f"({type(e).__name__}: {e}); choose another --checkpoint") from None
         self.epoch, self.step, self.totals = state["epoch"], state["step"], state["totals"]
         self.saved_position = self.epoch, self.step
         self.history, self.alignment = state["history"], state["alignment"]
-        torch.set_rng_state(state["rng"].cpu())
-        if state["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
 
     def results(self):
         final = self.history[-1]["test_accuracy"] if self.history else None
@@ -1275,6 +1295,7 @@ class Run:
 
     def request_stop(self, signum, frame):
         if self.stop_signal is not None:  # a second signal stops at once
+            self.stop_signal = signum
             raise KeyboardInterrupt
         self.stop_signal = signum
         print(f"received {signal.Signals(signum).name}: stopping after this step", flush=True)
@@ -1680,6 +1701,10 @@ def main(argv=None):
     except KeyboardInterrupt:
         # a second SIGINT or SIGTERM during training, or the first one before it starts
         signum = (run and run.stop_signal) or signal.SIGINT
+        if run is not None:
+            run.status = "interrupted"
+            with contextlib.suppress(WriteError):
+                run.write_results()
         print(f"error: stopped at once by {signal.Signals(signum).name}{saved_state(run)}",
               file=sys.stderr)
         return 128 + signum

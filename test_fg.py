@@ -30,20 +30,30 @@ FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
 EPS64 = torch.finfo(torch.float64).eps
 # Forward and reverse mode compute the same float64 quantity in different operation orders
 # through a few conv, BatchNorm and linear layers. Each sum has at most about 1e4 terms in these
-# models, so rounding stays below 1e4 * eps (2.2e-12) relative to the compared vector's magnitude.
-EXACT_RTOL = 1e4 * EPS64
+# models (1e4 * eps), and train-mode BatchNorm amplifies rounding by up to about 100 where it
+# subtracts the batch mean from nearly equal values: fuzzing measured relative errors up to 1e-11
+# at batch 2. 1e6 * eps (2.2e-10) covers both and stays 1e3 times below float32's eps, so a float32
+# leak or a wrong per-example slice still fails.
+EXACT_RTOL = 1e6 * EPS64
 # Per-example values of one jvp under train-mode BatchNorm carry the other examples' tangents.
 # On 14 random models per size at batch 32 and 64, the cosine with the exact values was at least
-# 0.89 at the block output and 0.62 per parameter tensor. The bounds keep a margin below those.
-COUPLED_COSINE_BOUND = {"activation": 0.8, "weight": 0.5}
+# 0.89 at the block output and 0.62 per parameter tensor; the fuzz profile later found 0.79 at
+# the block output (a 16-block model of width 2). The bounds keep a margin below those.
+COUPLED_COSINE_BOUND = {"activation": 0.7, "weight": 0.5}
 # Monte Carlo checks accept |mean - expected| <= z * std / sqrt(draws) per coordinate, with z set
 # so that an unbiased estimator fails with probability at most 1e-4 over all coordinates.
 MC_FALSE_ALARM = 1e-4
+# The projection of one 5-dimensional row: two dot products and a norm of 5 terms, a square root
+# and a division, each within a few eps, relative to ||G_i|| (Cauchy-Schwarz bounds every term).
+PROJECTION_RTOL = 16 * EPS64
 
 
-def assert_agree(actual, expected, rtol=EXACT_RTOL):
-    """Assert max |actual - expected| <= rtol * max |expected| (both float64)."""
-    scale = expected.abs().max().clamp_min(torch.finfo(expected.dtype).tiny)
+def assert_agree(actual, expected, rtol=EXACT_RTOL, scale=None):
+    """Assert max |actual - expected| <= rtol * scale (both float64), by default relative to
+    max |expected|."""
+    if scale is None:
+        scale = expected.abs().max()
+    scale = torch.as_tensor(scale, dtype=expected.dtype).clamp_min(torch.finfo(expected.dtype).tiny)
     error = (actual - expected).abs().max()
     assert error <= rtol * scale, f"max error {error:.3e} exceeds {rtol:.1e} * {scale:.3e}"
 
@@ -128,6 +138,20 @@ def dots_by_engine(case, target, space, engine, exact=False):
         return fg.target_dots(bp, G_guess, space, "jvp", case.loss_fn(model, y, target), exact=exact)
 
 
+def dot_scale(case, target, space):
+    """max_i ||G_i|| ||G~_i|| over examples (and tensors): by Cauchy-Schwarz it bounds the
+    magnitude of the terms of each dot product, so rounding errors scale with it, even where the
+    dot product itself cancels to nearly 0."""
+    model, bp, y = case.build()
+    G_guess = guess_gradient(model, bp, y, case, space)
+    cot = target_cotangent(model, bp, y, case, target)
+    if space == "activation":
+        return (cot.flatten(1).norm(dim=1) * G_guess.flatten(1).norm(dim=1)).max()
+    slices = bp.weight_slices(cot)
+    return max((slices[n].flatten(1).norm(dim=1) * G_guess[n].flatten(1).norm(dim=1)).max()
+               for n in slices)
+
+
 FIXED_CASE = BlockCase(blocks=8, width=3, channels=3, aux="cnn", j=2, batch=4, seed=7)
 
 
@@ -136,10 +160,14 @@ FIXED_CASE = BlockCase(blocks=8, width=3, channels=3, aux="cnn", j=2, batch=4, s
 
 @given(block_cases(), targets(), spaces())
 @example(BlockCase(16, 2, 1, "mlp", 14, 2, 0), "above", "weight")
+# the batch total cancels to 1e-10 of its terms' size
+@example(BlockCase(16, 2, 1, "cnn", 5, 2, 5), "above", "weight")
 def test_jvp_batch_total_matches_autograd(case, target, space):
     jvp_dots = flat(dots_by_engine(case, target, space, "jvp"))
     ref = flat(dots_by_engine(case, target, space, "autograd"))
-    assert_agree(jvp_dots.sum().view(1), ref.sum().view(1), EXACT_RTOL * len(ref))
+    # rounding scales with the terms of the sum, not with the sum, which can cancel to nearly 0
+    assert_agree(jvp_dots.sum().view(1), ref.sum().view(1), EXACT_RTOL * len(ref),
+                 scale=dot_scale(case, target, space))
 
 
 @pytest.mark.parametrize("space", ["activation", "weight"])
@@ -153,7 +181,8 @@ def test_jvp_batch_total_example(space):
 @given(block_cases(train=st.just(False)), targets(), spaces())
 def test_jvp_per_example_exact_in_eval_mode(case, target, space):
     assert_agree(flat(dots_by_engine(case, target, space, "jvp")),
-                 flat(dots_by_engine(case, target, space, "autograd")))
+                 flat(dots_by_engine(case, target, space, "autograd")),
+                 scale=dot_scale(case, target, space))
 
 
 def test_jvp_per_example_eval_mode_example():
@@ -168,9 +197,12 @@ def dataclass_replace(case, **changes):
 
 
 @given(block_cases(batch=st.integers(2, 4), train=st.just(True)), targets(), spaces())
+# BatchNorm over 2 examples amplifies rounding to 1e-11 of the dot products' scale
+@example(BlockCase(8, 4, 3, "cnn", 2, 2, 39256), "local", "activation")
 def test_masked_jvp_matches_autograd_in_train_mode(case, target, space):
     assert_agree(flat(dots_by_engine(case, target, space, "jvp", exact=True)),
-                 flat(dots_by_engine(case, target, space, "autograd")))
+                 flat(dots_by_engine(case, target, space, "autograd")),
+                 scale=dot_scale(case, target, space))
 
 
 def test_masked_jvp_train_mode_example():
@@ -223,21 +255,26 @@ def vectors(dim):
 
 @given(st.lists(st.tuples(vectors(5), vectors(5)), min_size=1, max_size=4))
 @example([([1.0, 0, 0, 0, 0], [0.0] * 5), ([2.0, 0, 0, 0, 0], [-3.0, 0, 0, 0, 0])])
+@example([([0.0, 0.0, 0.0, 737.0, 791.0], [0.0, 0.0, 0.0, 857.0, -883.0])])
 def test_projection_never_ascent(rows):
-    """Rows of (G_i, G~_i); the pinned example has a zero guess beside an antiparallel one."""
+    """Rows of (G_i, G~_i). The pinned examples: a zero guess beside an antiparallel one, and a
+    dot product that cancels to a tenth of its terms."""
     G = torch.tensor([g for g, _ in rows], dtype=torch.float64)
     G_guess = torch.tensor([h for _, h in rows], dtype=torch.float64)
     u, zeros = fg.unit_guess(G_guess)
     g_hat = (G * u).sum(1, keepdim=True) * u
     assert torch.isfinite(g_hat).all()
-    assert ((g_hat * G).sum(1) >= 0).all()
+    # <g_hat_i, G_i> = <G_i, u_i>^2 >= 0, up to the rounding of two 5-term dot products
+    G_norms = G.norm(dim=1)
+    assert ((g_hat * G).sum(1) >= -PROJECTION_RTOL * G_norms ** 2).all()
     # the same as <G, G~> / ||G~||^2 G~ wherever the guess is nonzero
     sq_norms = G_guess.pow(2).sum(1, keepdim=True)
     nonzero = sq_norms[:, 0] > 0
     assert zeros == int((~nonzero).sum())
     formula = (G * G_guess).sum(1, keepdim=True) / sq_norms * G_guess
     if nonzero.any():
-        assert_agree(g_hat[nonzero], formula[nonzero], 8 * EPS64)
+        # by Cauchy-Schwarz both forms' rounding is bounded relative to ||G_i||, not to the result
+        assert_agree(g_hat[nonzero], formula[nonzero], PROJECTION_RTOL, G_norms[nonzero].max())
     assert torch.equal(g_hat[~nonzero], torch.zeros_like(g_hat[~nonzero]))
 
 
@@ -250,6 +287,8 @@ def projected_update(bp, G_guess, space, engine, loss_fn=None, cotangent=None, e
 @given(block_cases(), spaces(), st.sampled_from(["jvp", "autograd"]))
 # dead ReLUs zero the guess of some examples; their target is zero too, so the update still matches
 @example(BlockCase(8, 2, 1, "cnn", 0, 2, 0), "weight", "jvp")
+# BatchNorm over 2 examples amplifies rounding to 3e-12 of the update
+@example(BlockCase(16, 2, 1, "mlp", 1, 2, 1), "weight", "jvp")
 def test_projection_guess_equals_target(case, space, engine):
     model, bp, y = case.build()
     G_guess = guess_gradient(model, bp, y, case, space)
@@ -703,3 +742,52 @@ def test_readme_example_runs(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "['0.bias', '0.weight', '1.bias', '1.weight']"
+
+
+# -------------------------------------------------------------------------------------------------
+# Blocks of other models
+
+def mlp_block_pass(seed, input_shape, train):
+    """A Linear, BatchNorm1d, ReLU block on 2-D (B, F) or 3-D (B, F, L) inputs, in float64."""
+    torch.manual_seed(seed)
+    channels = input_shape[1] if len(input_shape) == 3 else 3  # BatchNorm1d's dimension 1
+    block = nn.Sequential(nn.Linear(input_shape[-1], 3), nn.BatchNorm1d(channels), nn.ReLU())
+    block = block.double().train(train)
+    outputs = 3 * (input_shape[1] if len(input_shape) == 3 else 1)
+    head = nn.Sequential(nn.Flatten(), nn.Linear(outputs, 4)).double()
+    x = torch.randn(*input_shape, dtype=torch.float64)
+    y = torch.randint(0, 4, (input_shape[0],))
+    return fg.BlockPass(block, x), head, y
+
+
+@pytest.mark.parametrize("input_shape", [(6, 5), (6, 2, 5)], ids=["2d", "3d"])
+def test_weight_slices_linear_batchnorm1d(input_shape):
+    bp, head, y = mlp_block_pass(0, input_shape, train=True)
+    cot = torch.autograd.grad(F.cross_entropy(head(bp.output), y), bp.output,
+                              retain_graph=True)[0]
+    slices = bp.weight_slices(cot)
+    for name, p in bp.params.items():
+        assert slices[name].shape == (input_shape[0], *p.shape), name
+    assert_agree(flat({n: s.sum(0) for n, s in slices.items()}), flat(bp.backward(cot)))
+
+
+@pytest.mark.parametrize("input_shape", [(6, 5), (6, 2, 5)], ids=["2d", "3d"])
+def test_jvp_dots_linear_batchnorm1d_eval_mode(input_shape):
+    bp, head, y = mlp_block_pass(1, input_shape, train=False)
+
+    def loss_fn(h):
+        return F.cross_entropy(head(h), y, reduction="none")
+    cot = torch.autograd.grad(loss_fn(bp.output).mean(), bp.output, retain_graph=True)[0]
+    u, _ = fg.unit_guess(bp.weight_slices(torch.randn_like(cot)))
+    forward = fg.target_dots(bp, u, "weight", "jvp", loss_fn)
+    reverse = fg.target_dots(bp, u, "weight", "autograd", cotangent=cot)
+    assert_agree(flat(forward), flat(reverse))
+
+
+def test_block_pass_rejects_string_padding():
+    block = nn.Sequential(nn.Conv2d(3, 4, 3, padding="same"), nn.BatchNorm2d(4))
+    x = torch.randn(2, 3, 8, 8)
+    with pytest.raises(TypeError, match="record_leaves=False"):
+        fg.BlockPass(block, x)
+    # activation space needs no leaves
+    assert fg.BlockPass(block, x, record_leaves=False).output.shape == (2, 4, 8, 8)

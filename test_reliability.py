@@ -173,6 +173,40 @@ def test_parse_args_rejects_output_that_is_folder(flag, tmp_path):
     assert f"invalid value for {flag}: {tmp_path} is a folder; expected a file name" in stderr
 
 
+@pytest.mark.parametrize("flag", ["--out", "--checkpoint"])
+def test_parse_args_rejects_output_that_is_not_regular_file(flag, tmp_path):
+    pipe = tmp_path / "pipe"
+    os.mkfifo(pipe)
+    argv = ["--checkpoint", "none", flag, str(pipe)] if flag == "--out" else [flag, str(pipe)]
+    status, stderr = parse_failure(argv)
+    assert status == 2
+    assert f"invalid value for {flag}: {pipe} is not a regular file; expected a file name" in stderr
+
+
+def test_parse_args_rejects_out_equal_to_checkpoint(tmp_path):
+    path = tmp_path / "run.json"
+    status, stderr = parse_failure(["--out", str(path), "--checkpoint", str(path)])
+    assert status == 2
+    assert (f"invalid value for --out: {path} is also the checkpoint file; choose different "
+            "files for --out and --checkpoint") in stderr
+
+
+def test_parse_args_accepts_data_dir_file_for_synthetic(tmp_path):
+    path = tmp_path / "data.tar"
+    path.write_bytes(b"")
+    cfg = fg.parse_args(["--dataset", "synthetic", "--checkpoint", "none",
+                         "--data-dir", str(path)])
+    assert cfg.data_dir == str(path)
+
+
+def test_auto_checkpoint_name_separates_fixed_settings():
+    def name(*argv):
+        return fg.checkpoint_path(fg.parse_args(["--dataset", "synthetic", *argv]))
+    assert name() != name("--lr", "0.1")
+    assert name() != name("--train-subset", "100")
+    assert name() == name("--epochs", "7", "--out", "other.json")
+
+
 def test_parse_args_rejects_resume_without_checkpoint():
     status, stderr = parse_failure(["--checkpoint", "none", "--resume"])
     assert status == 2
@@ -781,8 +815,8 @@ def test_cli_sigterm_then_resume_equals_uninterrupted(tmp_path):
 
 
 def test_main_second_signal_stops_at_once(tmp_path, monkeypatch, capsys):
-    checkpoint = tmp_path / "run.pt"
-    argv = small_run("--epochs", "2", "--checkpoint", str(checkpoint))
+    checkpoint, out = tmp_path / "run.pt", tmp_path / "run.json"
+    argv = small_run("--epochs", "2", "--checkpoint", str(checkpoint), "--out", str(out))
     real_train_step, calls = fg.train_step, []
 
     def interrupted_twice(*args):
@@ -799,6 +833,9 @@ def test_main_second_signal_stops_at_once(tmp_path, monkeypatch, capsys):
                       "the end of epoch 1\n")
     saved = load_checkpoint_file(checkpoint)
     assert (saved["epoch"], saved["step"]) == (1, 0)
+    results = json.loads(out.read_text())
+    assert results["status"] == "interrupted"
+    assert len(results["epochs"]) == 1
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
@@ -814,8 +851,9 @@ def test_main_resume_rejects_changed_settings(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("content, problem", [
-    ({"weights": torch.zeros(3)}, "not a checkpoint of fg.py, it lacks config, epoch, model, "
-                                  "optimizer, rng, step; choose another --checkpoint"),
+    ({"weights": torch.zeros(3)}, "not a checkpoint of fg.py, it lacks alignment, config, "
+                                  "cuda_rng, epoch, history, model, optimizer, rng, scheduler, "
+                                  "step, totals; choose another --checkpoint"),
     (b"PK\x03\x04 cut off", "cannot load the checkpoint ("),
 ])
 def test_main_resume_rejects_unreadable_checkpoint(content, problem, tmp_path, capsys):
@@ -828,6 +866,27 @@ def test_main_resume_rejects_unreadable_checkpoint(content, problem, tmp_path, c
     stderr = capsys.readouterr().err
     assert status == 1
     assert stderr.startswith(f"error: {checkpoint}: {problem}")
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda state: state.pop("scheduler"), "not a checkpoint of fg.py, it lacks scheduler"),
+    (lambda state: state.update(epoch="one"), "the saved state does not fit this run "
+                                              "(TypeError: epoch 'one'"),
+    (lambda state: state.update(rng=torch.zeros(3)), "the saved state does not fit this run "
+                                                     "(TypeError: RNG state must be"),
+])
+def test_main_resume_rejects_damaged_checkpoint(damage, problem, tmp_path, capsys):
+    checkpoint = tmp_path / "run.pt"
+    assert fg.main(small_run("--epochs", "0", "--checkpoint", str(checkpoint))) == 0
+    state = load_checkpoint_file(checkpoint)
+    damage(state)
+    torch.save(state, checkpoint)
+    capsys.readouterr()
+    status = fg.main(small_run("--epochs", "1", "--resume", "--checkpoint", str(checkpoint)))
+    stderr = capsys.readouterr().err
+    assert status == 1
+    assert stderr.startswith(f"error: {checkpoint}: {problem}")
+    assert stderr.count("\n") == 1
 
 
 def test_main_unwritable_out_fails_before_training(tmp_path, capsys):
