@@ -474,7 +474,8 @@ report_run() {  # pid
   unset "RUN_NAME[$pid]" "RUN_DEVICE[$pid]" "RUN_START[$pid]"
 }
 
-# On SIGINT or SIGTERM, ask every run to stop: fg.py writes its checkpoint and exits.
+# On SIGINT or SIGTERM, ask every run to stop: fg.py writes its checkpoint and exits. The exit
+# status is 128 + the signal's number, as for a process the signal ended: 130 or 143.
 stop_runs() {
   echo "stopping ${#RUN_NAME[@]} run(s); run the same command again to resume them"
   local pid
@@ -482,7 +483,7 @@ stop_runs() {
     kill -TERM "$pid" 2>/dev/null || true
   done
   wait || true
-  exit 130
+  exit "$1"
 }
 
 run_grid() {
@@ -491,7 +492,8 @@ run_grid() {
   # Job control gives each run its own process group, so a Ctrl-C in the terminal reaches
   # only this script, which then stops each run once through stop_runs.
   set -m
-  trap stop_runs INT TERM
+  trap 'stop_runs 130' INT
+  trap 'stop_runs 143' TERM
   for spec in "${PENDING[@]}"; do
     i=$((i + 1))
     while ((${#FREE_DEVICES[@]} == 0)); do
