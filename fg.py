@@ -198,10 +198,18 @@ def path_problem(cfg):
     """Return a message if a file or folder setting cannot work, or None."""
     if cfg.dataset != "synthetic" and os.path.isfile(cfg.data_dir):
         return f"invalid value for --data-dir: {cfg.data_dir} is a file; expected a folder"
+    if cfg.checkpoint == "":
+        return "invalid value for --checkpoint: an empty name; expected a file name, auto or none"
     checkpoint = checkpoint_path(cfg)
     for flag, path in (("--out", cfg.out), ("--checkpoint", checkpoint)):
-        if path and os.path.isdir(path):
+        if path and (os.path.isdir(path) or path.endswith(os.sep)):
             return f"invalid value for {flag}: {path} is a folder; expected a file name"
+        parent = os.path.dirname(os.path.abspath(path)) if path else ""
+        while parent and not os.path.exists(parent):
+            parent = os.path.dirname(parent) if parent != os.path.dirname(parent) else ""
+        if parent and not os.path.isdir(parent):
+            return (f"invalid value for {flag}: {path} cannot be created because {parent} is a "
+                    "file, not a folder; choose a path in a folder")
         # a rename would replace a device, a pipe or a socket at that path with a plain file
         if path and os.path.exists(path) and not os.path.isfile(path):
             return (f"invalid value for {flag}: {path} is not a regular file; expected a file "
@@ -218,11 +226,29 @@ def path_problem(cfg):
     return None
 
 
+def combination_problem(cfg):
+    """Return a message if a setting would be ignored by the chosen guess, or None. The benchmark
+    runs random guesses whatever --guess says, so it takes the random-guess settings as given."""
+    if cfg.benchmark and cfg.out:
+        return (f"--out {cfg.out} does not apply to --benchmark, which prints its table; remove "
+                "--out")
+    if cfg.benchmark or cfg.guess == "random":
+        return None
+    for name in ("noise", "random_estimator"):
+        value, default = getattr(cfg, name), Config.__dataclass_fields__[name].default
+        if value != default:
+            flag = "--" + name.replace("_", "-")
+            return (f"{flag} {value} applies only to --guess random, not --guess {cfg.guess}; "
+                    f"remove {flag} or pass --guess random")
+    return None
+
+
 def parse_args(argv=None):
     """Parse the command line into a Config; invalid values exit with status 2 naming the flag."""
     parser = build_parser()
     cfg = Config(**vars(parser.parse_args(argv)))
-    problem = number_problem(cfg) or device_problem(cfg.device) or path_problem(cfg)
+    problem = (number_problem(cfg) or combination_problem(cfg) or device_problem(cfg.device)
+               or path_problem(cfg))
     if problem:
         parser.error(problem)
     return cfg
@@ -671,10 +697,15 @@ def unit_guess(G_guess):
     if isinstance(G_guess, dict):
         units = {n: unit_guess(G) for n, G in G_guess.items()}
         return {n: u for n, (u, _) in units.items()}, sum(z for _, z in units.values())
-    norms = torch.linalg.vector_norm(G_guess.flatten(1), dim=1)
-    zero = norms == 0
+    # dividing by the largest entry first keeps the squares of tiny or huge guesses finite and
+    # nonzero, so only a guess that is exactly 0 counts as zero
+    shape = (-1, *[1] * (G_guess.dim() - 1))
+    largest = G_guess.flatten(1).abs().amax(dim=1)
+    zero = largest == 0
+    scaled = G_guess / torch.where(zero, 1, largest).view(shape)
+    norms = torch.linalg.vector_norm(scaled.flatten(1), dim=1)
     scale = torch.where(zero, torch.zeros_like(norms), 1 / torch.where(zero, 1, norms))
-    return G_guess * scale.view(-1, *[1] * (G_guess.dim() - 1)), int(zero.sum())
+    return scaled * scale.view(shape), int(zero.sum())
 
 
 def random_guess(shape, noise, like):
@@ -715,10 +746,13 @@ def jvp_per_example(loss_fn, primals, tangents, exact=False):
     loss_fn(*primals).mean() with respect to the primals and loss_fn returns one loss per example.
     primals and tangents are tuples of tensors whose first dimension is the batch.
 
-    One jvp of the per-example loss vector gives sum_k d loss_k / B. Its sum over examples is exact.
-    Each value is exact only where no operation mixes examples: train-mode BatchNorm does, so each
-    value also carries the tangents of the other examples. exact=True runs one jvp per example with
-    the tangents masked to that example (vmapped, B times the tangent cost), which is exact.
+    One jvp of the per-example loss vector gives, for example i, sum_k <d loss_i / d x_k, t_k> / B:
+    example i's own loss along every example's tangent. The exact value is
+    sum_k <d loss_k / d x_i, t_i> / B: the whole batch's loss along example i's tangent. Both sums
+    over i are the same double sum, so the batch total is exact; each value is exact only where no
+    operation mixes examples (d loss_i / d x_k = 0 for k != i). Train-mode BatchNorm mixes them.
+    exact=True runs one jvp per example with the tangents masked to that example (vmapped, B times
+    the tangent cost), which is exact.
     Run it inside frozen_bn_stats for models with train-mode BatchNorm.
     """
     B = primals[0].shape[0]
@@ -1252,6 +1286,9 @@ class Run:
         if missing:
             raise DataError(f"{self.checkpoint}: not a checkpoint of fg.py, it lacks "
                             f"{', '.join(sorted(missing))}; choose another --checkpoint")
+        problem = self.checkpoint_problem(state)
+        if problem:
+            raise DataError(f"{self.checkpoint}: {problem}; choose another --checkpoint")
 
         saved, now = state["config"], dataclasses.asdict(self.cfg)
         changed = [k for k in now if k not in RESUMABLE_CHANGES and saved.get(k) != now[k]]
@@ -1265,9 +1302,6 @@ class Run:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-            if not (isinstance(state["epoch"], int) and isinstance(state["step"], int)):
-                raise TypeError(f"epoch {state['epoch']!r} and step {state['step']!r} are not "
-                                "integers")
             torch.set_rng_state(state["rng"].cpu())
             if state["cuda_rng"] and torch.cuda.is_available():
                 torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
@@ -1277,6 +1311,26 @@ class Run:
         self.epoch, self.step, self.totals = state["epoch"], state["step"], state["totals"]
         self.saved_position = self.epoch, self.step
         self.history, self.alignment = state["history"], state["alignment"]
+
+    def checkpoint_problem(self, state):
+        """Return what makes a loaded checkpoint's bookkeeping unusable, or None."""
+        kinds = {"config": dict, "totals": dict, "history": list, "alignment": list}
+        for key, kind in kinds.items():
+            if not isinstance(state[key], kind):
+                return f"its {key} is of type {type(state[key]).__name__}, not {kind.__name__}"
+        epoch, step = state["epoch"], state["step"]
+        if not (type(epoch) is int and type(step) is int and epoch >= 0 and step >= 0):
+            return f"its position, epoch {epoch!r} and step {step!r}, is not two integers >= 0"
+        if step > self.steps_per_epoch():
+            return (f"it was saved after step {step} of an epoch, but the training set in "
+                    f"--data-dir {self.cfg.data_dir} has {self.steps_per_epoch()} steps per "
+                    "epoch; resume with the data the run started with")
+        return None
+
+    def steps_per_epoch(self):
+        # a last batch of one example is dropped: train-mode BatchNorm needs two
+        n, batch = len(self.data.train_x), self.cfg.batch_size
+        return n // batch + (n % batch > 1)
 
     def results(self):
         final = self.history[-1]["test_accuracy"] if self.history else None
@@ -1322,8 +1376,7 @@ class Run:
     def train_epoch(self):
         cfg, data = self.cfg, self.data
         order = epoch_order(len(data.train_x), cfg.seed, self.epoch)
-        # a last batch of one example is dropped: train-mode BatchNorm needs two
-        steps = len(order) // cfg.batch_size + (len(order) % cfg.batch_size > 1)
+        steps = self.steps_per_epoch()
         while self.step < steps and self.stop_signal is None:
             start = time.perf_counter()
             idx = order[self.step * cfg.batch_size:(self.step + 1) * cfg.batch_size]
@@ -1409,8 +1462,10 @@ class Run:
         if self.saved_position:
             kept = (f"; {self.checkpoint} keeps the last good state, "
                     f"{self.position(*self.saved_position)}")
-        print(f"error: {error}{kept}; lower --lr or set --max-grad-norm and start a new run",
-              file=sys.stderr)
+        fresh = (f" with another --checkpoint or after deleting {self.checkpoint}"
+                 if self.checkpoint else "")
+        print(f"error: {error}{kept}; lower --lr or set --max-grad-norm and start a new "
+              f"run{fresh}", file=sys.stderr)
         return 1
 
     def stop_interrupted(self):
@@ -1697,6 +1752,15 @@ def main(argv=None):
     except WriteError as e:
         resume = "; resume with --resume once it can be written" if saved_state(run) else ""
         print(f"error: {e}{saved_state(run)}{resume}", file=sys.stderr)
+        return 1
+    except (MemoryError, RuntimeError) as e:
+        # torch.OutOfMemoryError on CUDA; on the CPU a RuntimeError from the allocator
+        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if not (isinstance(e, (MemoryError, torch.OutOfMemoryError))
+                or "can't allocate memory" in message):
+            raise
+        print(f"error: out of memory on {cfg.device} ({message}); lower --width or --batch-size"
+              f"{saved_state(run)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         # a second SIGINT or SIGTERM during training, or the first one before it starts

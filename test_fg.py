@@ -226,6 +226,30 @@ def test_one_jvp_cosine_bound_in_train_mode(case, space):
         assert cosine >= COUPLED_COSINE_BOUND[space], f"{name}: cosine {cosine:.3f}"
 
 
+def test_one_jvp_is_own_loss_along_every_tangent():
+    """Under train-mode BatchNorm, one jvp gives sum_k <d loss_i / d x_k, t_k> / B for example i,
+    and exact=True gives sum_k <d loss_k / d x_i, t_i> / B; checked on the full Jacobian."""
+    torch.manual_seed(0)
+    B, D = 6, 5
+    net = nn.Sequential(nn.Linear(D, 4), nn.BatchNorm1d(4), nn.ReLU(), nn.Linear(4, 3)).double()
+    x, t = torch.randn(B, D, dtype=torch.float64), torch.randn(B, D, dtype=torch.float64)
+    y = torch.randint(0, 3, (B,))
+
+    def losses(inputs):
+        return F.cross_entropy(net(inputs), y, reduction="none")
+    with fg.frozen_bn_stats(net):
+        J = torch.autograd.functional.jacobian(losses, x)  # J[i, k] = d loss_i / d x_k
+        one = fg.jvp_per_example(losses, (x,), (t,))
+        exact = fg.jvp_per_example(losses, (x,), (t,), exact=True)
+    own_loss = torch.einsum("ikd,kd->i", J, t) / B
+    whole_batch = torch.einsum("kid,id->i", J, t) / B
+    assert_agree(one, own_loss)
+    assert_agree(exact, whole_batch)
+    assert_agree(one.sum().view(1), exact.sum().view(1), scale=exact.abs().max())
+    # the coupling is real here: the two sets of values differ
+    assert (one - exact).abs().max() > 1e-3 * exact.abs().max()
+
+
 @given(block_cases(), targets())
 def test_weight_slices_sum_to_batch_gradient(case, target):
     model, bp, y = case.build()

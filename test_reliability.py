@@ -183,6 +183,33 @@ def test_parse_args_rejects_output_that_is_not_regular_file(flag, tmp_path):
     assert f"invalid value for {flag}: {pipe} is not a regular file; expected a file name" in stderr
 
 
+@pytest.mark.parametrize("flag", ["--out", "--checkpoint"])
+def test_parse_args_rejects_unusable_file_names(flag, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    inside_file = blocker / "sub" / "run.json"
+    other = ["--checkpoint", "none"] if flag == "--out" else []
+    status, stderr = parse_failure([*other, flag, str(inside_file)])
+    assert status == 2
+    assert (f"invalid value for {flag}: {inside_file} cannot be created because {blocker} is a "
+            "file, not a folder; choose a path in a folder") in stderr
+    folder_name = f"{tmp_path}/new/"
+    status, stderr = parse_failure([*other, flag, folder_name])
+    assert status == 2
+    assert f"invalid value for {flag}: {folder_name} is a folder; expected a file name" in stderr
+
+
+def test_parse_args_rejects_empty_checkpoint_and_benchmark_out():
+    status, stderr = parse_failure(["--checkpoint", ""])
+    assert status == 2
+    assert "invalid value for --checkpoint: an empty name; expected a file name, auto or none" \
+        in stderr
+    status, stderr = parse_failure(["--benchmark", "--checkpoint", "none", "--out", "b.json"])
+    assert status == 2
+    assert "--out b.json does not apply to --benchmark, which prints its table; remove --out" \
+        in stderr
+
+
 def test_parse_args_rejects_out_equal_to_checkpoint(tmp_path):
     path = tmp_path / "run.json"
     status, stderr = parse_failure(["--out", str(path), "--checkpoint", str(path)])
@@ -205,6 +232,16 @@ def test_auto_checkpoint_name_separates_fixed_settings():
     assert name() != name("--lr", "0.1")
     assert name() != name("--train-subset", "100")
     assert name() == name("--epochs", "7", "--out", "other.json")
+
+
+@pytest.mark.parametrize("flag, value", [("--noise", "rademacher"),
+                                         ("--random-estimator", "projection")])
+def test_parse_args_rejects_random_setting_without_random_guess(flag, value):
+    status, stderr = parse_failure(["--checkpoint", "none", "--guess", "aux", flag, value])
+    assert status == 2
+    assert (f"{flag} {value} applies only to --guess random, not --guess aux; remove {flag} or "
+            "pass --guess random") in stderr
+    assert fg.parse_args(["--checkpoint", "none", "--guess", "random", flag, value])
 
 
 def test_parse_args_rejects_resume_without_checkpoint():
@@ -555,6 +592,21 @@ def test_project_zero_guess_gets_zero_coefficient():
     torch.testing.assert_close(update["weight"], expected, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("dtype, magnitude", [
+    (torch.float32, 1e-25), (torch.float32, 1e-44), (torch.float32, 1e30),
+    (torch.float64, 1e-170), (torch.float64, 1e-320), (torch.float64, 1e300),
+])
+def test_unit_guess_tiny_or_huge_guess_has_unit_norm(dtype, magnitude):
+    """Squares of these entries underflow to 0 or overflow to inf, yet the guesses are nonzero."""
+    G = torch.tensor([[1.0, -1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
+    u, zeros = fg.unit_guess((G * magnitude).to(dtype))
+    assert zeros == 1
+    # the largest entry divides exactly and 4 squares of +-1 sum to 4, so u_0 = +-0.5 to 1 ulp
+    torch.testing.assert_close(u[0], (G[0] / 2).to(dtype), rtol=2 * torch.finfo(dtype).eps,
+                               atol=0)
+    assert torch.equal(u[1], torch.zeros_like(u[1]))
+
+
 def test_train_step_dead_relu_block_gives_zero_guesses():
     torch.manual_seed(0)
     cfg = fg.parse_args(["--blocks", "16", "--width", "4", "--space", "weight",
@@ -636,7 +688,8 @@ def test_run_non_finite_update_keeps_checkpoint(tmp_path, monkeypatch, capsys):
     message = "non-finite update in block 3 at epoch 2, step 2"
     assert status == 1
     assert stderr == (f"error: {message}; {checkpoint} keeps the last good state, at the end of "
-                      "epoch 1; lower --lr or set --max-grad-norm and start a new run\n")
+                      "epoch 1; lower --lr or set --max-grad-norm and start a new run with "
+                      f"another --checkpoint or after deleting {checkpoint}\n")
     assert checkpoint.read_bytes() == after_epoch_1
     results = json.loads(out.read_text())
     assert results["status"] == "diverged"
@@ -870,8 +923,15 @@ def test_main_resume_rejects_unreadable_checkpoint(content, problem, tmp_path, c
 
 @pytest.mark.parametrize("damage, problem", [
     (lambda state: state.pop("scheduler"), "not a checkpoint of fg.py, it lacks scheduler"),
-    (lambda state: state.update(epoch="one"), "the saved state does not fit this run "
-                                              "(TypeError: epoch 'one'"),
+    (lambda state: state.update(epoch="one"), "its position, epoch 'one' and step 0, is not "
+                                              "two integers >= 0"),
+    (lambda state: state.update(step=-3), "its position, epoch 0 and step -3, is not two "
+                                          "integers >= 0"),
+    (lambda state: state.update(step=99), "it was saved after step 99 of an epoch, but the "
+                                          "training set in --data-dir data has 4 steps per "
+                                          "epoch; resume with the data the run started with"),
+    (lambda state: state.update(config=[1, 2]), "its config is of type list, not dict"),
+    (lambda state: state.update(history=5), "its history is of type int, not list"),
     (lambda state: state.update(rng=torch.zeros(3)), "the saved state does not fit this run "
                                                      "(TypeError: RNG state must be"),
 ])
@@ -886,6 +946,22 @@ def test_main_resume_rejects_damaged_checkpoint(damage, problem, tmp_path, capsy
     stderr = capsys.readouterr().err
     assert status == 1
     assert stderr.startswith(f"error: {checkpoint}: {problem}")
+    assert stderr.count("\n") == 1
+
+
+def test_main_out_of_memory_prints_one_line(tmp_path, monkeypatch, capsys):
+    checkpoint = tmp_path / "run.pt"
+
+    def exhausted(*args):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: "
+                           "can't allocate memory: you tried to allocate 360000000000 bytes.")
+    monkeypatch.setattr(fg, "train_step", exhausted)
+    status = fg.main(small_run("--epochs", "1", "--checkpoint", str(checkpoint)))
+    stderr = capsys.readouterr().err
+    assert status == 1
+    assert stderr.startswith("error: out of memory on cpu ([enforce fail at alloc_cpu.cpp:117] ")
+    assert stderr.endswith(f"lower --width or --batch-size; {checkpoint} contains "
+                           "the state before the first step\n")
     assert stderr.count("\n") == 1
 
 
