@@ -838,6 +838,10 @@ class BlockPass:
         finally:
             for h in hooks:
                 h.remove()
+        idle = sorted({n for n, (m, _) in self.leaf_of.items() if m not in self.leaves})
+        if idle:
+            raise RuntimeError(f"{', '.join(idle)} did not take part in the block's forward pass; "
+                               "weight-space estimators need each parametrized leaf to run once")
 
     def _record(self, module, inputs, output):
         if module in self.leaves:

@@ -815,3 +815,17 @@ def test_block_pass_rejects_string_padding():
         fg.BlockPass(block, x)
     # activation space needs no leaves
     assert fg.BlockPass(block, x, record_leaves=False).output.shape == (2, 4, 8, 8)
+
+
+def test_block_pass_rejects_leaf_outside_forward():
+    class Skips(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 3), nn.Linear(3, 3)
+
+        def forward(self, x):
+            return self.used(x)
+    with pytest.raises(RuntimeError, match=r"^unused.bias, unused.weight did not take part"):
+        fg.BlockPass(Skips(), torch.randn(2, 3))
+    # activation space records no leaves, so the same block works there
+    assert fg.BlockPass(Skips(), torch.randn(2, 3), record_leaves=False).output.shape == (2, 3)
