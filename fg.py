@@ -111,6 +111,11 @@ class Config:
     max_grad_norm: float = field(default=0.0, metadata={
         "help": "clip the norm of the update of all parameters together to this value, before "
                 "momentum and weight decay (0: no clipping)"})
+    bn_recalibration: int = field(default=0, metadata={
+        "help": "before each test pass, replace the BatchNorm running statistics by their average "
+                "over this many training batches (0: keep the running averages, as the paper "
+                "does). Weight-space estimators move the statistics faster than the running "
+                "averages follow"})
     # run
     seed: int = field(default=0, metadata={"help": "seed for weights, data order and noise"})
     device: str = field(default="auto", metadata={"help": "auto (cuda when available), cpu, "
@@ -169,6 +174,8 @@ def number_problem(cfg):
          "0 (all examples) or an integer >= 2"),
         # epoch_order seeds a generator with seed * 100003 + epoch, which must stay below 2**64
         ("--seed", cfg.seed, 0 <= cfg.seed < 2**32, "an integer in [0, 4294967295]"),
+        ("--bn-recalibration", cfg.bn_recalibration, cfg.bn_recalibration >= 0,
+         "an integer >= 0 (0: off)"),
         ("--log-alignment", cfg.log_alignment, cfg.log_alignment >= 0, "an integer >= 0"),
         ("--log-steps", cfg.log_steps, cfg.log_steps >= 0, "an integer >= 0"),
         ("--benchmark-steps", cfg.benchmark_steps, cfg.benchmark_steps >= 1, "an integer >= 1"),
@@ -1110,6 +1117,32 @@ def train_step(model, x, y, cfg, measure_alignment=False):
 # Training, evaluation, checkpoints
 
 @torch.no_grad()
+@torch.no_grad()
+def recalibrate_bn(model, data, device, batches, batch_size, seed):
+    """Set every BatchNorm layer's running statistics to their average over `batches` training
+    batches (no augmentation), which replaces running averages that lag behind moving weights.
+    The batches come from their own generator, so training's random streams are untouched."""
+    layers = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in layers]
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches that follow
+    g = torch.Generator().manual_seed(seed)
+    J = len(model.blocks)
+    model.train()
+    try:
+        for _ in range(batches):
+            idx = torch.randint(len(data.train_x), (batch_size,), generator=g)
+            h, _ = prepare_batch(data, data.train_x[idx], data.train_y[idx], device, augment=False)
+            for j, block in enumerate(model.blocks):
+                h = block(h)
+                if j < J - 1:
+                    model.aux[j](h)
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+
+
 def evaluate(model, data, device, batch_size=500):
     """Test accuracy in percent of each auxiliary head (blocks 0..J-2), then the final classifier."""
     model.eval()
@@ -1440,6 +1473,9 @@ class Run:
         handlers = {s: signal.signal(s, self.request_stop) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             while self.epoch < cfg.epochs and self.train_epoch():
+                if cfg.bn_recalibration:
+                    recalibrate_bn(self.model, self.data, self.device, cfg.bn_recalibration,
+                                   cfg.batch_size, cfg.seed * 100003 + self.epoch)
                 self.log_epoch(evaluate(self.model, self.data, self.device))
                 self.scheduler.step()
                 self.epoch, self.step, self.totals = self.epoch + 1, 0, self.new_totals()

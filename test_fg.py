@@ -565,6 +565,31 @@ def test_ntk_aux_nets_never_trained(guess):
         assert any(not torch.equal(p.detach(), initial[n]) for n, p in params_now.items())
 
 
+def test_recalibrate_bn_sets_average_of_batch_statistics():
+    torch.manual_seed(0)
+    model = fg.BlockwiseResNet(8, 2, 1, 10, "cnn")
+    images = torch.randint(0, 256, (64, 1, 16, 16), dtype=torch.uint8)
+    labels = torch.randint(0, 10, (64,))
+    data = fg.Data(images, labels, images[:8], labels[:8], torch.tensor([0.5]),
+                   torch.tensor([0.25]), 10, False)
+    first_bn = next(m for m in model.blocks[0].modules() if isinstance(m, nn.BatchNorm2d))
+    inputs = []
+    hook = first_bn.register_forward_hook(lambda m, args, out: inputs.append(args[0].detach()))
+    rng = torch.get_rng_state()
+    fg.recalibrate_bn(model, data, torch.device("cpu"), 3, 16, seed=5)
+    hook.remove()
+    assert len(inputs) == 3
+    # the cumulative average of each batch's mean and unbiased variance over the 3 batches
+    means = torch.stack([x.mean((0, 2, 3)) for x in inputs]).mean(0)
+    variances = torch.stack([x.var((0, 2, 3)) for x in inputs]).mean(0)
+    torch.testing.assert_close(first_bn.running_mean, means)
+    torch.testing.assert_close(first_bn.running_var, variances)
+    assert first_bn.momentum == 0.1
+    assert all(m.num_batches_tracked == 3 for m in model.modules()
+               if isinstance(m, nn.BatchNorm2d))  # the auxiliary nets' layers too
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
 @pytest.mark.parametrize("space", ["activation", "weight"])
 def test_step_updates_batchnorm_statistics_once(space):
     model = small_model()

@@ -80,6 +80,7 @@ INVALID_NUMBERS = [
     ("--train-subset", "1", "1", "0 (all examples) or an integer >= 2"),
     ("--seed", "-1", "-1", "an integer in [0, 4294967295]"),
     ("--log-alignment", "-1", "-1", "an integer >= 0"),
+    ("--bn-recalibration", "-1", "-1", "an integer >= 0 (0: off)"),
 ]
 
 
