@@ -235,7 +235,7 @@ def path_problem(cfg):
 
 def combination_problem(cfg):
     """Return a message if a setting would be ignored by the chosen guess, or None. The benchmark
-    runs random guesses whatever --guess says, so it takes the random-guess settings as given."""
+    runs random guesses whatever --guess is, so it takes the random-guess settings as given."""
     if cfg.benchmark and cfg.out:
         return (f"--out {cfg.out} does not apply to --benchmark, which prints its table; remove "
                 "--out")

@@ -175,7 +175,7 @@ def test_parse_args_rejects_output_that_is_folder(flag, tmp_path):
 
 
 @pytest.mark.parametrize("flag", ["--out", "--checkpoint"])
-def test_parse_args_rejects_output_that_is_not_regular_file(flag, tmp_path):
+def test_parse_args_rejects_non_regular_output(flag, tmp_path):
     pipe = tmp_path / "pipe"
     os.mkfifo(pipe)
     argv = ["--checkpoint", "none", flag, str(pipe)] if flag == "--out" else [flag, str(pipe)]
@@ -597,7 +597,7 @@ def test_project_zero_guess_gets_zero_coefficient():
     (torch.float32, 1e-25), (torch.float32, 1e-44), (torch.float32, 1e30),
     (torch.float64, 1e-170), (torch.float64, 1e-320), (torch.float64, 1e300),
 ])
-def test_unit_guess_tiny_or_huge_guess_has_unit_norm(dtype, magnitude):
+def test_unit_guess_extreme_magnitudes(dtype, magnitude):
     """Squares of these entries underflow to 0 or overflow to inf, yet the guesses are nonzero."""
     G = torch.tensor([[1.0, -1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]], dtype=torch.float64)
     u, zeros = fg.unit_guess((G * magnitude).to(dtype))
@@ -966,14 +966,17 @@ def test_main_out_of_memory_prints_one_line(tmp_path, monkeypatch, capsys):
     assert stderr.count("\n") == 1
 
 
-def test_main_unwritable_out_fails_before_training(tmp_path, capsys):
-    blocker = tmp_path / "file"
-    blocker.write_text("")
-    out = blocker / "results.json"
+def test_main_unwritable_out_fails_before_training(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "results.json"
+
+    def denied(*args, **kwargs):  # as for a read-only folder, which root could still write
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(fg.tempfile, "mkstemp", denied)
     status = fg.main(small_run("--epochs", "1", "--checkpoint", "none", "--out", str(out)))
     captured = capsys.readouterr()
     assert status == 1
-    assert captured.err.startswith(f"error: {out}: cannot create a file in {blocker} (")
+    assert captured.err == (f"error: {out}: cannot create a file in {tmp_path} (Permission "
+                            "denied)\n")
     assert "epoch " not in captured.out
 
 
