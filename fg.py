@@ -272,6 +272,8 @@ class UsageError(DataError):
 # -------------------------------------------------------------------------------------------------
 # Data: every dataset becomes uint8 images (N, C, H, W) and int64 labels held in memory.
 
+DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"
+
 # The files each dataset needs in --data-dir, as error messages name them.
 EXPECTED_FILES = {
     "fashion-mnist": "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte "
@@ -329,8 +331,7 @@ def load_fashion_mnist(folder):
         raise DataError(
             f"Fashion-MNIST files missing in {folder}: {', '.join(missing)}; copy "
             f"{EXPECTED_FILES['fashion-mnist']} into {folder}, for example from "
-            "/usr/share/datasets/fashion-mnist, where Debian's dataset-fashion-mnist package "
-            "installs them")
+            f"{DEBIAN_FASHION}, where Debian's dataset-fashion-mnist package installs them")
     arrays = [read_idx(p) for p in paths]
     for (images, labels), (pi, pl) in zip((arrays[:2], arrays[2:]), (paths[:2], paths[2:])):
         if images.ndim != 3 or images.shape[1:] != (28, 28):
@@ -512,8 +513,10 @@ def load_data(cfg):
         parts = make_synthetic(cfg.seed)
     else:
         if not os.path.isdir(cfg.data_dir) and cfg.dataset != "cifar10":
-            raise DataError(f"--data-dir {cfg.data_dir} does not exist; create it and copy "
-                            f"{EXPECTED_FILES[cfg.dataset]} into it")
+            hint = (f"; Debian's dataset-fashion-mnist package installs them in {DEBIAN_FASHION}"
+                    if cfg.dataset == "fashion-mnist" else "")
+            raise DataError(f"--data-dir {cfg.data_dir} does not exist; pass the folder that "
+                            f"holds {EXPECTED_FILES[cfg.dataset]}{hint}")
         loader = {"cifar10": load_cifar10, "fashion-mnist": load_fashion_mnist,
                   "imagenet32": load_imagenet32}[cfg.dataset]
         parts = loader(cfg.data_dir)
@@ -1318,8 +1321,11 @@ class Run:
             missing = {"model", "optimizer", "scheduler", "config", "epoch", "step", "totals",
                        "history", "alignment", "rng", "cuda_rng"} - set(state)
         except Exception as e:  # any unreadable checkpoint gets the same advice
+            # the first line only: torch's weights_only message goes on to suggest unsafe loading
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             raise DataError(f"{self.checkpoint}: cannot load the checkpoint "
-                            f"({type(e).__name__}: {e}); delete it to start from scratch") from None
+                            f"({type(e).__name__}: {first}); delete it to start from "
+                            "scratch") from None
         if missing:
             raise DataError(f"{self.checkpoint}: not a checkpoint of fg.py, it lacks "
                             f"{', '.join(sorted(missing))}; choose another --checkpoint")

@@ -4,7 +4,7 @@
 # the alignment of each estimate with the true gradient.
 #
 #   bash reproduce.sh                    full grid: CIFAR-10, width 64, 100 epochs, on a GPU
-#   bash reproduce.sh --small            reduced grid on CPU, Fashion-MNIST, about 20 minutes
+#   bash reproduce.sh --small            reduced grid on CPU, Fashion-MNIST, 20 to 25 minutes
 #   bash reproduce.sh --smoke            the whole pipeline on synthetic data, under a minute
 #   bash reproduce.sh --gpus 0,1,2,3     one run per GPU at a time
 #   bash reproduce.sh --print-commands   one fg.py command per line, for a SLURM array or parallel

@@ -314,7 +314,9 @@ def test_fashion_mnist_missing_folder_names_files(tmp_path, capsys):
                       "--checkpoint", "none", "--device", "cpu"])
     stderr = capsys.readouterr().err
     assert status == 1
-    assert f"error: --data-dir {folder} does not exist; create it and copy " in stderr
+    assert f"error: --data-dir {folder} does not exist; pass the folder that holds " in stderr
+    assert ("; Debian's dataset-fashion-mnist package installs them in "
+            "/usr/share/datasets/fashion-mnist\n") in stderr
     for stem in FASHION_FILES:
         assert stem in stderr
     assert not folder.exists()
@@ -909,6 +911,7 @@ def test_main_resume_rejects_changed_settings(tmp_path, capsys):
                                   "cuda_rng, epoch, history, model, optimizer, rng, scheduler, "
                                   "step, totals; choose another --checkpoint"),
     (b"PK\x03\x04 cut off", "cannot load the checkpoint ("),
+    (b"not a zip or a pickle", "cannot load the checkpoint (UnpicklingError: "),
 ])
 def test_main_resume_rejects_unreadable_checkpoint(content, problem, tmp_path, capsys):
     checkpoint = tmp_path / "run.pt"
@@ -920,6 +923,7 @@ def test_main_resume_rejects_unreadable_checkpoint(content, problem, tmp_path, c
     stderr = capsys.readouterr().err
     assert status == 1
     assert stderr.startswith(f"error: {checkpoint}: {problem}")
+    assert stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("damage, problem", [
