@@ -201,6 +201,14 @@ def device_problem(name):
     return None
 
 
+def existing_ancestor(path):
+    """Return the nearest existing path above `path`. The loop ends at the root at the latest."""
+    above = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(above):
+        above = os.path.dirname(above)
+    return above
+
+
 def path_problem(cfg):
     """Return a message if a file or folder setting cannot work, or None."""
     if cfg.dataset != "synthetic" and os.path.isfile(cfg.data_dir):
@@ -211,11 +219,9 @@ def path_problem(cfg):
     for flag, path in (("--out", cfg.out), ("--checkpoint", checkpoint)):
         if path and (os.path.isdir(path) or path.endswith(os.sep)):
             return f"invalid value for {flag}: {path} is a folder; expected a file name"
-        parent = os.path.dirname(os.path.abspath(path)) if path else ""
-        while parent and not os.path.exists(parent):
-            parent = os.path.dirname(parent) if parent != os.path.dirname(parent) else ""
-        if parent and not os.path.isdir(parent):
-            return (f"invalid value for {flag}: {path} cannot be created because {parent} is a "
+        above = path and existing_ancestor(path)
+        if above and not os.path.isdir(above):
+            return (f"invalid value for {flag}: {path} cannot be created because {above} is a "
                     "file, not a folder; choose a path in a folder")
         # a rename would replace a device, a pipe or a socket at that path with a plain file
         if path and os.path.exists(path) and not os.path.isfile(path):
