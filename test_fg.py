@@ -21,6 +21,7 @@ import torch.nn.functional as F
 import torchvision
 from hypothesis import example, given
 from hypothesis import strategies as st
+from torch.func import jvp, vmap
 
 import fg
 
@@ -131,7 +132,7 @@ def target_cotangent(model, bp, y, case, target):
 def dots_by_engine(case, target, space, engine, exact=False):
     model, bp, y = case.build()
     G_guess = guess_gradient(model, bp, y, case, space)
-    with fg.frozen_bn_stats(model):
+    with fg.forward_mode_bn(model):
         if engine == "autograd":
             cot = target_cotangent(model, bp, y, case, target)
             return fg.target_dots(bp, G_guess, space, "autograd", cotangent=cot)
@@ -237,7 +238,7 @@ def test_one_jvp_is_own_loss_along_every_tangent():
 
     def losses(inputs):
         return F.cross_entropy(net(inputs), y, reduction="none")
-    with fg.frozen_bn_stats(net):
+    with fg.forward_mode_bn(net):
         J = torch.autograd.functional.jacobian(losses, x)  # J[i, k] = d loss_i / d x_k
         one = fg.jvp_per_example(losses, (x,), (t,))
         exact = fg.jvp_per_example(losses, (x,), (t,), exact=True)
@@ -248,6 +249,65 @@ def test_one_jvp_is_own_loss_along_every_tangent():
     assert_agree(one.sum().view(1), exact.sum().view(1), scale=exact.abs().max())
     # the coupling is real here: the two sets of values differ
     assert (one - exact).abs().max() > 1e-3 * exact.abs().max()
+
+
+@given(st.sampled_from([(5, 3), (4, 2, 6), (3, 2, 4, 4)]), st.booleans(),
+       st.sampled_from(["input", "parameters", "all"]), st.integers(0, 2**16))
+def test_batch_norm_jvp_matches_torch_rule(shape, affine, tangents, seed):
+    """BatchNormJvp's tangent equals torch's forward-mode rule for batch_norm in train mode,
+    for 2-, 3- and 4-dimensional input, with and without weights, one jvp and vmapped ones."""
+    torch.manual_seed(seed)
+    x = torch.randn(shape, dtype=torch.float64)
+    C = shape[1]
+    weight = torch.randn(C, dtype=torch.float64) if affine else None
+    bias = torch.randn(C, dtype=torch.float64) if affine else None
+
+    def ours(x, *params):
+        return fg.BatchNormJvp.apply(x, *(params or (weight, bias)), 1e-5)[0]
+
+    def torchs(x, *params):
+        return F.batch_norm(x, None, None, *(params or (weight, bias)), True, 0.0, 1e-5)
+    primals, tangent = (x,), (torch.randn(shape, dtype=torch.float64),)
+    if affine and tangents != "input":
+        primals = (x, weight, bias)
+        dx = tangent[0] if tangents == "all" else torch.zeros(shape, dtype=torch.float64)
+        tangent = (dx, torch.randn(C, dtype=torch.float64), torch.randn(C, dtype=torch.float64))
+    with torch.no_grad():
+        value, dy = jvp(ours, primals, tangent)
+        value_ref, dy_ref = jvp(torchs, primals, tangent)
+        streams = tuple(torch.stack([t, 2 * t, -t]) for t in tangent)
+        dy_vmapped = vmap(lambda *t: jvp(ours, primals, t)[1])(*streams)
+        dy_vmapped_ref = vmap(lambda *t: jvp(torchs, primals, t)[1])(*streams)
+    assert_agree(value, value_ref, PROJECTION_RTOL)
+    assert_agree(dy, dy_ref)
+    assert_agree(dy_vmapped, dy_vmapped_ref)
+
+
+def test_forward_mode_bn_restores_layers_and_statistics():
+    """Inside forward_mode_bn, train-mode layers leave running statistics unchanged, give torch's
+    jvp and still support reverse mode; on exit each layer has its own forward and tracks
+    statistics again."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU()).double()
+    x = torch.randn(4, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randn_like(x)
+    before = net[1].running_mean.clone()
+
+    def reference(x):
+        return F.relu(F.batch_norm(net[0](x), None, None, net[1].weight, net[1].bias, True))
+    with fg.forward_mode_bn(net):
+        assert "forward" in vars(net[1])
+        grad = torch.autograd.grad(net(x).square().sum(), x)[0]
+        with torch.no_grad():
+            out, tangent = jvp(net, (x.detach(),), (t,))
+    assert torch.equal(net[1].running_mean, before)
+    assert "forward" not in vars(net[1])
+    assert net[1].track_running_stats
+    assert_agree(grad, torch.autograd.grad(reference(x).square().sum(), x)[0])
+    with torch.no_grad():
+        out_ref, tangent_ref = jvp(reference, (x.detach(),), (t,))
+    assert_agree(out, out_ref)
+    assert_agree(tangent, tangent_ref)
 
 
 @given(block_cases(), targets())
@@ -316,7 +376,7 @@ def projected_update(bp, G_guess, space, engine, loss_fn=None, cotangent=None, e
 def test_projection_guess_equals_target(case, space, engine):
     model, bp, y = case.build()
     G_guess = guess_gradient(model, bp, y, case, space)
-    with fg.frozen_bn_stats(model):
+    with fg.forward_mode_bn(model):
         cot = target_cotangent(model, bp, y, case, "local")
         update = projected_update(bp, G_guess, space, engine, case.loss_fn(model, y, "local"),
                                   cot, exact=True)
