@@ -853,6 +853,34 @@ def test_readme_example_runs(tmp_path):
     assert out.stdout.strip() == "['0.bias', '0.weight', '1.bias', '1.weight']"
 
 
+@pytest.mark.parametrize("c_in, size, kernel, stride, padding, dilation, patches", [
+    (2, 9, 3, 1, 1, 1, False),
+    (16, 4, 3, 2, 1, 1, True),
+    (8, 6, 3, 1, 2, 2, False),
+    (32, 4, 3, 1, 2, 2, True),
+    (16, 3, 1, 1, 0, 1, False),
+    (64, 2, 1, 1, 0, 1, True),
+    (48, 4, (3, 1), (2, 1), (1, 0), 1, True),
+])
+def test_per_example_conv_products(c_in, size, kernel, stride, padding, dilation, patches):
+    """Per-example weight gradients and convolutions with per-example weights agree with one
+    example at a time, by grouped convolution and by input patches."""
+    torch.manual_seed(0)
+    B = 3
+    conv = nn.Conv2d(c_in, 4, kernel, stride, padding, dilation, bias=False).double()
+    x = torch.randn(B, c_in, size, size, dtype=torch.float64)
+    out = conv(x)
+    g = torch.randn_like(out)
+    V = torch.randn(B, *conv.weight.shape, dtype=torch.float64)
+    assert fg.patches_are_faster(conv, x) == patches
+    grads = torch.stack([torch.autograd.grad((conv(x[i:i + 1]) * g[i:i + 1]).sum(),
+                                             conv.weight)[0] for i in range(B)])
+    outputs = torch.stack([F.conv2d(x[i:i + 1], V[i], None, stride, padding, dilation)[0]
+                           for i in range(B)])
+    assert_agree(fg.per_example_conv_grads(conv, x, g), grads)
+    assert_agree(fg.per_example_conv(conv, x, V, out.shape), outputs)
+
+
 # -------------------------------------------------------------------------------------------------
 # Blocks of other models
 

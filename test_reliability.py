@@ -610,6 +610,25 @@ def test_unit_guess_extreme_magnitudes(dtype, magnitude):
     assert torch.equal(u[1], torch.zeros_like(u[1]))
 
 
+@given(st.lists(st.integers(-45, 37), min_size=1, max_size=4), st.integers(0, 2**16))
+# most squares underflow, yet the direct norm would be nonzero and lose digits
+@example([-19], 1)
+def test_unit_guess_float32_matches_float64(exponents, seed):
+    """Rows of float32 entries spread over 10 orders of magnitude below 10^e, for e anywhere in
+    float32's range: whether the norm is taken directly or after rescaling, each unit row is
+    within a few float32 eps of the float64 one."""
+    g = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(50, generator=g, dtype=torch.float64)
+            * 10.0 ** (e - 10 * torch.rand(50, generator=g, dtype=torch.float64)) for e in exponents]
+    G = torch.stack(rows).float()
+    u, zeros = fg.unit_guess(G)
+    nonzero = G.abs().amax(dim=1) > 0
+    expected = G.double() / G.double().norm(dim=1, keepdim=True).clamp_min(1e-300)
+    assert zeros == int((~nonzero).sum())
+    # a rounding of each entry, of the norm and of the division: 4 eps covers them
+    torch.testing.assert_close(u[nonzero].double(), expected[nonzero], rtol=0, atol=4 * EPS)
+
+
 def test_train_step_dead_relu_block_gives_zero_guesses():
     torch.manual_seed(0)
     cfg = fg.parse_args(["--blocks", "16", "--width", "4", "--space", "weight",
