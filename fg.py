@@ -1729,19 +1729,34 @@ def peak_memory(device, start):
     return read_proc_status("VmHWM") - start
 
 
-def time_steps(step, batches, device):
-    """Run step on each batch after one warm-up call; return the median seconds."""
-    step(*batches[0])
-    times = []
+def time_steps(steps, batches, device):
+    """Run each step function once on the first batch to warm up, then time them in rounds, one
+    batch per round and every step in turn, so that drifts in the machine's speed reach them all
+    alike. Return each step's median seconds."""
+    for step in steps:
+        step(*batches[0])
+    times = [[] for _ in steps]
     for x, y in batches:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        step(x, y)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for step, measured in zip(steps, times):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t = time.perf_counter()
+            step(x, y)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            measured.append(time.perf_counter() - t)
+    return [statistics.median(measured) for measured in times]
+
+
+def training_step(model, cfg):
+    """Return step(x, y): one training step of model under cfg with its own SGD optimizer."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum)
+
+    def step(x, y):
+        optimizer.zero_grad(set_to_none=True)
+        train_step(model, x, y, cfg)
+        optimizer.step()
+    return step
 
 
 def measure_step_memory(connection, step_cfg, state, x, y, classes):
@@ -1749,15 +1764,10 @@ def measure_step_memory(connection, step_cfg, state, x, y, classes):
     torch.manual_seed(step_cfg.seed)
     model = BlockwiseResNet(step_cfg.blocks, step_cfg.width, x.shape[1], classes, step_cfg.aux)
     model.load_state_dict(state)
-    optimizer = torch.optim.SGD(model.parameters(), lr=step_cfg.lr, momentum=step_cfg.momentum)
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        train_step(model, x, y, step_cfg)
-        optimizer.step()
-    step()
+    step = training_step(model, step_cfg)
+    step(x, y)
     start = reset_peak_memory(torch.device("cpu"))
-    step()
+    step(x, y)
     connection.send(peak_memory(torch.device("cpu"), start))
 
 
@@ -1833,38 +1843,36 @@ def benchmark(run):
     def forward(x, y):
         with torch.no_grad(), frozen_bn_stats(model):
             model(x)
-    t_forward = time_steps(forward, batches, device)
+
+    rows, step_cfgs, steps = benchmark_configs(cfg.benchmark_configs), [], [forward]
+    for target, guess, space, engine in rows:
+        step_cfgs.append(dataclasses.replace(cfg, target=target, guess=guess,
+                                             space=space if space != "-" else "activation",
+                                             engine=engine if engine != "-" else "autograd"))
+        steps.append(training_step(copy.deepcopy(model), step_cfgs[-1]))
     print(f"benchmark: {cfg.blocks} blocks, width {cfg.width}, batch {cfg.batch_size}, median of "
-          f"{cfg.benchmark_steps} steps after 1 warm-up, {device} ({describe_hardware(device)}), "
-          f"torch {torch.__version__}; one forward pass of the blocks: {t_forward * 1e3:.1f} ms")
+          f"{cfg.benchmark_steps} steps after 1 warm-up, timed in rounds of one step of each of "
+          f"{len(rows)} configurations, {device} ({describe_hardware(device)}), "
+          f"torch {torch.__version__}", flush=True)
+    t_forward, *seconds = time_steps(steps, batches, device)
+    print(f"one forward pass of the blocks: {t_forward * 1e3:.1f} ms")
     print("\n| target | guess | space | engine | ms/step | x backprop | floor (forward passes) "
           "| x floor | peak MB | x backprop |\n|---|---|---|---|---|---|---|---|---|---|")
-    reference = None
-    for target, guess, space, engine in benchmark_configs(cfg.benchmark_configs):
-        step_cfg = dataclasses.replace(cfg, target=target, guess=guess,
-                                       space=space if space != "-" else "activation",
-                                       engine=engine if engine != "-" else "autograd")
-        trial = copy.deepcopy(model)
-        optimizer = torch.optim.SGD(trial.parameters(), lr=cfg.lr, momentum=cfg.momentum)
-
-        def step(x, y):
-            optimizer.zero_grad(set_to_none=True)
-            train_step(trial, x, y, step_cfg)
-            optimizer.step()
-        seconds = time_steps(step, batches, device)
+    reference_peak = None
+    for row, step_cfg, step, time_per_step in zip(rows, step_cfgs, steps[1:], seconds):
         if device.type == "cuda":
             start = reset_peak_memory(device)
             step(*batches[0])
             peak = peak_memory(device, start)
         else:
             peak = cpu_peak_memory(step_cfg, model, batches[0], data.classes)
-        reference = reference or (seconds, peak)
+        reference_peak = reference_peak or peak
         floor = forward_equivalents(step_cfg, p, q, tensors)
         memory = "n/a | n/a" if peak is None else (
-            f"{peak / 2**20:.0f} | {peak / max(reference[1], 1):.2f}")
-        print(f"| {target} | {guess} | {space} | {engine} | {seconds * 1e3:.1f} | "
-              f"{seconds / reference[0]:.2f} | {floor:.1f} | {seconds / (floor * t_forward):.2f} "
-              f"| {memory} |", flush=True)
+            f"{peak / 2**20:.0f} | {peak / max(reference_peak, 1):.2f}")
+        print(f"| {' | '.join(row)} | {time_per_step * 1e3:.1f} | "
+              f"{time_per_step / seconds[0]:.2f} | {floor:.1f} | "
+              f"{time_per_step / (floor * t_forward):.2f} | {memory} |", flush=True)
     print("\nper-example <G_i, u_i> of the global target along the unit aux guess: cosine between "
           "one jvp and the exact values, on the first batch in train mode\n\n"
           "| block | activation space | weight space (lowest over tensors) |\n|---|---|---|")
