@@ -287,8 +287,8 @@ def test_batch_norm_jvp_matches_torch_rule(shape, affine, tangents, seed):
 
 def test_forward_mode_bn_restores_layers_and_statistics():
     """Inside forward_mode_bn, train-mode layers leave running statistics unchanged, give torch's
-    jvp and still support reverse mode; on exit each layer has its own forward and tracks
-    statistics again."""
+    jvp and still support reverse mode. On exit each layer has its own forward again and tracks
+    statistics."""
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU()).double()
     x = torch.randn(4, 2, 5, 5, dtype=torch.float64, requires_grad=True)
@@ -863,8 +863,8 @@ print(*[page_faults() for _ in range(4)])
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
 def test_keep_freed_memory_reuses_pages(tmp_path):
-    """After keep_freed_memory, repeating a step's large allocations touches no new pages; with
-    glibc's defaults each repetition faults in all 36,864 pages of its 144 MiB again."""
+    """After keep_freed_memory, repeating a step's large allocations touches no new pages. With
+    glibc's defaults, each repetition faults in all 36,864 pages of its 144 MiB again."""
     script = tmp_path / "faults.py"
     script.write_text(FAULT_SCRIPT)
     env = {**os.environ, "PYTHONPATH": HERE}

@@ -614,9 +614,9 @@ def test_unit_guess_extreme_magnitudes(dtype, magnitude):
 # most squares underflow, yet the direct norm would be nonzero and lose digits
 @example([-19], 1)
 def test_unit_guess_float32_matches_float64(exponents, seed):
-    """Rows of float32 entries spread over 10 orders of magnitude below 10^e, for e anywhere in
-    float32's range: whether the norm is taken directly or after rescaling, each unit row is
-    within a few float32 eps of the float64 one."""
+    """Each float32 unit row is within a few float32 eps of the float64 one, whether the norm is
+    taken directly or after rescaling. The rows spread over 10 orders of magnitude below 10^e,
+    for e anywhere in float32's range."""
     g = torch.Generator().manual_seed(seed)
     rows = [torch.randn(50, generator=g, dtype=torch.float64)
             * 10.0 ** (e - 10 * torch.rand(50, generator=g, dtype=torch.float64)) for e in exponents]
@@ -625,7 +625,7 @@ def test_unit_guess_float32_matches_float64(exponents, seed):
     nonzero = G.abs().amax(dim=1) > 0
     expected = G.double() / G.double().norm(dim=1, keepdim=True).clamp_min(1e-300)
     assert zeros == int((~nonzero).sum())
-    # a rounding of each entry, of the norm and of the division: 4 eps covers them
+    # each entry, the norm and the division round once, so 4 eps covers them
     torch.testing.assert_close(u[nonzero].double(), expected[nonzero], rtol=0, atol=4 * EPS)
 
 
