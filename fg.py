@@ -24,7 +24,6 @@ import contextlib
 import copy
 import ctypes
 import dataclasses
-import functools
 import gzip
 import hashlib
 import io
@@ -40,6 +39,7 @@ import statistics
 import sys
 import tempfile
 import time
+import types
 import warnings
 import zlib
 from dataclasses import dataclass, field
@@ -247,6 +247,17 @@ def combination_problem(cfg):
     if cfg.benchmark and cfg.out:
         return (f"--out {cfg.out} does not apply to --benchmark, which prints its table; remove "
                 "--out")
+    training_only = ("resume", "log_alignment", "log_steps", "bn_recalibration")
+    benchmark_only = ("benchmark_steps", "benchmark_configs")
+    for name in training_only if cfg.benchmark else benchmark_only:
+        value, default = getattr(cfg, name), Config.__dataclass_fields__[name].default
+        if value != default:
+            flag = "--" + name.replace("_", "-")
+            setting = flag if isinstance(value, bool) else f"{flag} {value}"
+            if cfg.benchmark:
+                return (f"{setting} does not apply to --benchmark, which trains no model; "
+                        f"remove {flag}")
+            return f"{setting} applies only to --benchmark; add --benchmark or remove {flag}"
     if cfg.benchmark or cfg.guess == "random":
         return None
     for name in ("noise", "random_estimator"):
@@ -720,8 +731,10 @@ def unit_guess(G_guess):
     # One division by the norm is accurate unless squares underflow or overflow. Squares below
     # the smallest normal number (tiny) lose digits, but d of them sum to less than d * tiny, a
     # relative error of at most eps where norm^2 >= d * tiny / eps. An overflow makes it inf.
+    # 1 / norm must also stay a normal number, which fails for float16 norms above 16384.
     info = torch.finfo(G_guess.dtype)
-    accurate = (norms >= math.sqrt(G_guess[0].numel() * info.tiny / info.eps)) & norms.isfinite()
+    smallest = math.sqrt(G_guess.flatten(1).shape[1] * info.tiny / info.eps)
+    accurate = (norms >= smallest) & (norms * info.tiny <= 1) & norms.isfinite()
     if bool(accurate.all()):
         return G_guess * (1 / norms).view(shape), 0
     # dividing by the largest entry first keeps the squares of tiny or huge guesses finite and
@@ -756,8 +769,9 @@ def frozen_bn_stats(*modules):
     torch.func.jvp rejects the in-place update of a captured buffer (pytorch issue 85533), so the
     jvp calls run with tracking off and the statistics are updated by the ordinary forward pass.
     """
-    layers = [m for module in modules for m in module.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    layers = dict.fromkeys(m for module in modules for m in module.modules()
+                           if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                           and m.track_running_stats)
     for m in layers:
         m.track_running_stats = False
     try:
@@ -814,8 +828,12 @@ class BatchNormJvp(torch.autograd.Function):
 def batch_norm_for_jvp(bn, x):
     """Normalize x with its batch statistics for bn inside forward_mode_bn: through BatchNormJvp
     where autograd is off, and through torch's own rule where it is on."""
-    if torch.is_grad_enabled():
+    if torch.is_grad_enabled() or not bn.training:
         return type(bn).forward(bn, x)
+    bn._check_input_dim(x)
+    if x.numel() <= x.shape[1]:
+        raise ValueError("Expected more than 1 value per channel when training, got input size "
+                         f"{tuple(x.shape)}")
     return BatchNormJvp.apply(x, bn.weight, bn.bias, bn.eps)[0]
 
 
@@ -824,12 +842,13 @@ def forward_mode_bn(*modules):
     """Prepare the BatchNorm layers of `modules` for torch.func.jvp while the with-statement
     runs: running statistics stay frozen (see frozen_bn_stats), and train-mode layers run without
     autograd (as in jvp_per_example) through BatchNormJvp's cheaper tangent rule."""
-    layers = [m for module in modules for m in module.modules()
-              if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-              and "forward" not in vars(m)]
+    # each layer once, though modules overlap; subclasses with their own forward keep it
+    layers = dict.fromkeys(m for module in modules for m in module.modules()
+                           if type(m).forward is nn.modules.batchnorm._BatchNorm.forward
+                           and m.training and "forward" not in vars(m))
     with frozen_bn_stats(*modules):
         for m in layers:
-            m.forward = functools.partial(batch_norm_for_jvp, m)
+            m.forward = types.MethodType(batch_norm_for_jvp, m)
         try:
             yield
         finally:

@@ -312,6 +312,41 @@ def test_forward_mode_bn_restores_layers_and_statistics():
     assert_agree(tangent, tangent_ref)
 
 
+class GhostBatchNorm(nn.BatchNorm1d):
+    """Normalizes each half of the batch on its own: a subclass with its own forward."""
+
+    def forward(self, x):
+        return torch.cat([super(GhostBatchNorm, self).forward(half) for half in x.chunk(2)])
+
+
+def test_forward_mode_bn_edge_cases():
+    """Overlapping modules, a subclass with its own forward, eval mode set inside the
+    with-statement and a batch of one behave as outside it."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), GhostBatchNorm(4)).double()
+    x = torch.randn(6, 3, dtype=torch.float64)
+    with fg.forward_mode_bn(net, net[1], net):
+        assert "forward" in vars(net[1])
+        assert "forward" not in vars(net[2])
+        with torch.no_grad():
+            ghost = net[2](x[:, :1].expand(6, 4) + torch.arange(6.0).view(6, 1))
+            net[1].eval()
+            evaluated = net[1](x[:, :1].expand(6, 4).contiguous())
+            net[1].train()
+            with pytest.raises(ValueError, match="more than 1 value per channel"):
+                net[1](x[:1, :1].expand(1, 4))
+            with pytest.raises(ValueError, match="expected 2D or 3D input"):
+                net[1](x.view(6, 3, 1, 1))
+    assert "forward" not in vars(net[1])
+    with torch.no_grad():
+        halves = torch.arange(6.0, dtype=torch.float64).view(6, 1).expand(6, 4)
+        expected_ghost = torch.cat([(h - h.mean(0)) / torch.sqrt(h.var(0, unbiased=False) + 1e-5)
+                                    for h in (x[:, :1].expand(6, 4) + halves).chunk(2)])
+        assert_agree(ghost, expected_ghost)
+        net[1].eval()
+        assert_agree(evaluated, net[1](x[:, :1].expand(6, 4).contiguous()))
+
+
 @given(block_cases(), targets())
 def test_weight_slices_sum_to_batch_gradient(case, target):
     model, bp, y = case.build()

@@ -211,6 +211,24 @@ def test_parse_args_rejects_empty_checkpoint_and_benchmark_out():
         in stderr
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--benchmark-steps", "3"],
+     "--benchmark-steps 3 applies only to --benchmark; add --benchmark or remove --benchmark-steps"),
+    (["--benchmark-configs", "main"], "--benchmark-configs main applies only to --benchmark; "
+     "add --benchmark or remove --benchmark-configs"),
+    (["--benchmark", "--resume"],
+     "--resume does not apply to --benchmark, which trains no model; remove --resume"),
+    (["--benchmark", "--log-alignment", "5"], "--log-alignment 5 does not apply to --benchmark, "
+     "which trains no model; remove --log-alignment"),
+    (["--benchmark", "--bn-recalibration", "20"], "--bn-recalibration 20 does not apply to "
+     "--benchmark, which trains no model; remove --bn-recalibration"),
+])
+def test_parse_args_rejects_benchmark_mismatch(argv, message):
+    status, stderr = parse_failure(argv)
+    assert status == 2
+    assert message in stderr
+
+
 def test_parse_args_rejects_out_equal_to_checkpoint(tmp_path):
     path = tmp_path / "run.json"
     status, stderr = parse_failure(["--out", str(path), "--checkpoint", str(path)])
@@ -627,6 +645,20 @@ def test_unit_guess_float32_matches_float64(exponents, seed):
     assert zeros == int((~nonzero).sum())
     # each entry, the norm and the division round once, so 4 eps covers them
     torch.testing.assert_close(u[nonzero].double(), expected[nonzero], rtol=0, atol=4 * EPS)
+
+
+def test_unit_guess_empty_batch():
+    u, zeros = fg.unit_guess(torch.zeros(0, 5))
+    assert u.shape == (0, 5)
+    assert zeros == 0
+
+
+def test_unit_guess_float16_large_norm_exact():
+    """1 / 40000 is subnormal in float16, so the guess is rescaled first and comes out exact."""
+    u, _ = fg.unit_guess(torch.tensor([[40000.0], [-30000.0]], dtype=torch.float16))
+    assert u.flatten().tolist() == [1.0, -1.0]
+    u, _ = fg.unit_guess(torch.full((1, 4), 30000.0, dtype=torch.float16))
+    assert u.flatten().tolist() == [0.5] * 4
 
 
 def test_train_step_dead_relu_block_gives_zero_guesses():
