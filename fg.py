@@ -135,7 +135,8 @@ class Config:
         "help": "also print the running train loss every N steps (0: once per epoch)"})
     benchmark: bool = field(default=False, metadata={
         "help": "time every estimator on the same batches and print a table, then exit"})
-    benchmark_steps: int = field(default=5, metadata={"help": "timed steps per configuration"})
+    benchmark_steps: int = field(default=5, metadata={
+        "help": "timing rounds; each round times one step of every configuration"})
     benchmark_configs: str = field(default="all", metadata={
         "choices": ("all", "main"),
         "help": "all: every target, guess, space and engine; main: backprop, local learning and "
