@@ -892,14 +892,15 @@ def page_faults():
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
-print(*[page_faults() for _ in range(4)])
+print(*[page_faults() for _ in range(8)])
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc's malloc settings")
 def test_keep_freed_memory_reuses_pages(tmp_path):
-    """After keep_freed_memory, repeating a step's large allocations touches no new pages. With
-    glibc's defaults, each repetition faults in all 36,864 pages of its 144 MiB again."""
+    """After keep_freed_memory, repeating a step's large allocations touches no new pages once
+    the heap has grown to fit them: the first four repetitions can still grow it. With glibc's
+    defaults, each repetition faults in all 36,864 pages of its 144 MiB again."""
     script = tmp_path / "faults.py"
     script.write_text(FAULT_SCRIPT)
     env = {**os.environ, "PYTHONPATH": HERE}
@@ -911,7 +912,7 @@ def test_keep_freed_memory_reuses_pages(tmp_path):
         faults[mode] = [int(n) for n in out.stdout.split()]
     pages = (2**23 + 2**24 + 3 * 2**22) * 4 // resource.getpagesize()
     assert faults["default"][-1] >= pages
-    assert faults["keep"][-1] < pages // 100
+    assert sum(faults["keep"][4:]) < pages // 100
 
 
 def test_readme_example_runs(tmp_path):
