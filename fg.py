@@ -242,31 +242,37 @@ def path_problem(cfg):
     return None
 
 
+def changed_setting(cfg, names):
+    """Return (flag, flag with its value) for the first of the Config fields `names` that differs
+    from its default, or None. A switch is named by its flag alone."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value != Config.__dataclass_fields__[name].default:
+            flag = "--" + name.replace("_", "-")
+            return flag, flag if isinstance(value, bool) else f"{flag} {value}"
+    return None
+
+
 def combination_problem(cfg):
-    """Return a message if a setting would be ignored by the chosen guess, or None. The benchmark
-    runs random guesses whatever --guess is, so it takes the random-guess settings as given."""
+    """Return a message if a setting would be ignored by the chosen guess or mode, or None. The
+    benchmark runs random guesses whatever --guess is, so it takes the random-guess settings as
+    given."""
     if cfg.benchmark and cfg.out:
         return (f"--out {cfg.out} does not apply to --benchmark, which prints its table; remove "
                 "--out")
-    training_only = ("resume", "log_alignment", "log_steps", "bn_recalibration")
-    benchmark_only = ("benchmark_steps", "benchmark_configs")
-    for name in training_only if cfg.benchmark else benchmark_only:
-        value, default = getattr(cfg, name), Config.__dataclass_fields__[name].default
-        if value != default:
-            flag = "--" + name.replace("_", "-")
-            setting = flag if isinstance(value, bool) else f"{flag} {value}"
-            if cfg.benchmark:
-                return (f"{setting} does not apply to --benchmark, which trains no model; "
-                        f"remove {flag}")
-            return f"{setting} applies only to --benchmark; add --benchmark or remove {flag}"
-    if cfg.benchmark or cfg.guess == "random":
+    if cfg.benchmark:
+        changed = changed_setting(cfg, ("resume", "log_alignment", "log_steps", "bn_recalibration"))
+        if changed:
+            return (f"{changed[1]} does not apply to --benchmark, which trains no model; "
+                    f"remove {changed[0]}")
         return None
-    for name in ("noise", "random_estimator"):
-        value, default = getattr(cfg, name), Config.__dataclass_fields__[name].default
-        if value != default:
-            flag = "--" + name.replace("_", "-")
-            return (f"{flag} {value} applies only to --guess random, not --guess {cfg.guess}; "
-                    f"remove {flag} or pass --guess random")
+    changed = changed_setting(cfg, ("benchmark_steps", "benchmark_configs"))
+    if changed:
+        return f"{changed[1]} applies only to --benchmark; add --benchmark or remove {changed[0]}"
+    changed = None if cfg.guess == "random" else changed_setting(cfg, ("noise", "random_estimator"))
+    if changed:
+        return (f"{changed[1]} applies only to --guess random, not --guess {cfg.guess}; "
+                f"remove {changed[0]} or pass --guess random")
     return None
 
 
@@ -811,8 +817,9 @@ class BatchNormJvp(torch.autograd.Function):
         shape = [1, -1] + [1] * (x.dim() - 2)
         dims = [0] + list(range(2, x.dim()))
         x_hat = (x - mean.view(shape)) * invstd.view(shape)
-        dy = torch.zeros_like(x_hat) if dx is None else None
-        if dx is not None:
+        if dx is None:
+            dy = torch.zeros_like(x_hat)
+        else:
             scale = invstd.view(shape) if weight is None else (invstd * weight).view(shape)
             mean_dx = dx.mean(dims, keepdim=True)
             mean_x_hat_dx = (x_hat * dx).mean(dims, keepdim=True)
